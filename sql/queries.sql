@@ -1,0 +1,297 @@
+-- The named queries of substrate-db: the only SQL the library runs besides migrations.
+--
+-- Each query starts with a header `-- name: <name> :<returns>` where <returns> is
+--   :one    one row or none
+--   :many   any number of rows
+--   :exec   no rows (the row count is returned)
+-- `{schema}` is replaced by the quoted, validated schema identifier when the queries are
+-- loaded; every value is a bound parameter (%(name)s). A literal percent sign is written %%.
+-- Time comes from Postgres: `coalesce(%(now)s::timestamptz, now())` lets tests move the
+-- clock through a parameter; in production `now` is NULL.
+
+
+-- name: enqueue_jobs :many
+-- Inserts jobs given as parallel arrays, in one round trip for any number of jobs.
+-- Returns one row per input, in input order: the job's id, and whether it was inserted.
+-- A job whose dedupe_key is held by an unfinished job is not inserted; that job's id is
+-- returned instead. The conflict arm is DO UPDATE, not DO NOTHING, because DO UPDATE
+-- returns the existing row even when a concurrent transaction committed it after this
+-- statement's snapshot; duplicate keys inside one call are folded to their first
+-- occurrence first, as DO UPDATE may touch a row only once per statement.
+-- Ids are drawn in input order (before the window function reorders rows), so a batch
+-- is claimed in the order it was given.
+WITH numbered AS MATERIALIZED (
+    SELECT t.ord, t.kind, t.payload, t.priority, t.run_at, t.max_attempts, t.dedupe_key,
+           nextval('{schema}.jobs_id_seq') AS new_id
+    FROM unnest(%(kinds)s::text[], %(payloads)s::text[], %(priorities)s::smallint[],
+                %(run_ats)s::timestamptz[], %(max_attempts)s::integer[], %(dedupe_keys)s::text[])
+         WITH ORDINALITY AS t(kind, payload, priority, run_at, max_attempts, dedupe_key, ord)
+),
+input AS MATERIALIZED (
+    SELECT n.*, row_number() OVER (PARTITION BY n.dedupe_key ORDER BY n.ord) AS key_rank
+    FROM numbered n
+),
+ins AS (
+    INSERT INTO {schema}.jobs AS j
+        (id, kind, payload, priority, run_at, max_attempts, dedupe_key, created_at, updated_at)
+    SELECT i.new_id, i.kind, i.payload::jsonb, i.priority,
+           coalesce(i.run_at, %(now)s::timestamptz, now()), i.max_attempts, i.dedupe_key,
+           coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
+    FROM input i
+    WHERE i.dedupe_key IS NULL OR i.key_rank = 1
+    ORDER BY i.ord
+    ON CONFLICT (dedupe_key) WHERE state IN ('available', 'running')
+    DO UPDATE SET dedupe_key = EXCLUDED.dedupe_key
+    RETURNING j.id, j.dedupe_key
+)
+SELECT input.ord,
+       coalesce(by_key.id, by_id.id) AS id,
+       coalesce(by_key.id, by_id.id) = input.new_id AS inserted
+FROM input
+LEFT JOIN ins AS by_id ON by_id.id = input.new_id
+LEFT JOIN ins AS by_key ON input.dedupe_key IS NOT NULL AND by_key.dedupe_key = input.dedupe_key
+ORDER BY input.ord;
+
+
+-- name: claim_jobs :many
+-- Claims up to %(limit)s available jobs of the given kinds whose run_at has come, in
+-- claim order (priority, run_at, id). The MATERIALIZED fence makes the LIMIT bind the
+-- locked rows: without it the planner may join the subquery into the UPDATE and lock or
+-- update more rows than asked. SKIP LOCKED lets concurrent claimers pass each other;
+-- FOR UPDATE re-checks the WHERE clause on the newest row version, so a row claimed by
+-- another slot meanwhile is never taken twice. Rows come back in no particular order.
+WITH picked AS MATERIALIZED (
+    SELECT j.id
+    FROM {schema}.jobs j
+    WHERE j.state = 'available'
+      AND j.kind = ANY(%(kinds)s::text[])
+      AND j.run_at <= coalesce(%(now)s::timestamptz, now())
+    ORDER BY j.priority, j.run_at, j.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs j
+SET state = 'running',
+    claim_epoch = j.claim_epoch + 1,
+    attempts = j.attempts + 1,
+    claimed_by = %(slot_id)s,
+    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
+          j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at;
+
+
+-- name: complete_jobs :many
+-- Fenced completion of a batch: a job is completed only while it is still running under
+-- the presented epoch. `cur` locks each row first (ids arrive sorted, so concurrent
+-- batches lock in one order and cannot deadlock) and reads its newest version, so the
+-- reason reported for a refused write is the row's real state, not a stale snapshot.
+-- One row per input, in input order.
+WITH input AS MATERIALIZED (
+    SELECT t.ord, t.id, t.epoch, t.result
+    FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[], %(results)s::text[])
+         WITH ORDINALITY AS t(id, epoch, result, ord)
+),
+cur AS MATERIALIZED (
+    SELECT input.ord, input.id, input.epoch, input.result, locked.state, locked.claim_epoch
+    FROM input
+    LEFT JOIN LATERAL (
+        SELECT j.state, j.claim_epoch FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
+    ) AS locked ON true
+),
+done AS (
+    UPDATE {schema}.jobs j
+    SET state = 'completed',
+        result = cur.result::jsonb,
+        lease_expires_at = NULL,
+        finished_at = coalesce(%(now)s::timestamptz, now()),
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM cur
+    WHERE j.id = cur.id
+      AND cur.epoch > 0
+      AND j.state = 'running'
+      AND j.claim_epoch = cur.epoch
+    RETURNING j.id, j.state, j.lease_expires_at
+)
+SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
+       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
+       done.lease_expires_at
+FROM cur
+LEFT JOIN done ON done.id = cur.id
+ORDER BY cur.ord;
+
+
+-- name: fail_jobs :many
+-- Fenced failure of a batch, locked like complete_jobs. A retryable failure with attempts
+-- left goes back to `available`, its run_at moved by retry_in seconds or, when retry_in is
+-- NULL, by the backoff 15 s + attempts^4 s (attempts capped at 10) with +-10%% jitter so a
+-- burst of failures does not return as a burst. Otherwise the job ends `failed`.
+WITH input AS MATERIALIZED (
+    SELECT t.ord, t.id, t.epoch, t.error, t.retryable, t.retry_in
+    FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[], %(errors)s::text[],
+                %(retryables)s::boolean[], %(retry_ins)s::double precision[])
+         WITH ORDINALITY AS t(id, epoch, error, retryable, retry_in, ord)
+),
+cur AS MATERIALIZED (
+    SELECT input.*, locked.state, locked.claim_epoch, locked.attempts, locked.max_attempts
+    FROM input
+    LEFT JOIN LATERAL (
+        SELECT j.state, j.claim_epoch, j.attempts, j.max_attempts
+        FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
+    ) AS locked ON true
+),
+done AS (
+    UPDATE {schema}.jobs j
+    SET state = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
+                     THEN 'available' ELSE 'failed' END,
+        run_at = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
+                      THEN coalesce(%(now)s::timestamptz, now()) + make_interval(secs =>
+                           coalesce(cur.retry_in,
+                                    (15 + power(least(j.attempts, 10), 4)) * (0.9 + 0.2 * random())))
+                      ELSE j.run_at END,
+        claimed_by = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
+                          THEN NULL ELSE j.claimed_by END,
+        last_error = cur.error,
+        lease_expires_at = NULL,
+        finished_at = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
+                           THEN NULL ELSE coalesce(%(now)s::timestamptz, now()) END,
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM cur
+    WHERE j.id = cur.id
+      AND cur.epoch > 0
+      AND j.state = 'running'
+      AND j.claim_epoch = cur.epoch
+    RETURNING j.id, j.state, j.lease_expires_at
+)
+SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
+       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
+       done.lease_expires_at
+FROM cur
+LEFT JOIN done ON done.id = cur.id
+ORDER BY cur.ord;
+
+
+-- name: extend_leases :many
+-- The heartbeat: fenced like every write-back. The lease itself is not part of the
+-- fence, so a lease that expired but was not yet reclaimed can still be extended.
+WITH input AS MATERIALIZED (
+    SELECT t.ord, t.id, t.epoch
+    FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[]) WITH ORDINALITY AS t(id, epoch, ord)
+),
+cur AS MATERIALIZED (
+    SELECT input.ord, input.id, input.epoch, locked.state, locked.claim_epoch
+    FROM input
+    LEFT JOIN LATERAL (
+        SELECT j.state, j.claim_epoch FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
+    ) AS locked ON true
+),
+done AS (
+    UPDATE {schema}.jobs j
+    SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM cur
+    WHERE j.id = cur.id
+      AND cur.epoch > 0
+      AND j.state = 'running'
+      AND j.claim_epoch = cur.epoch
+    RETURNING j.id, j.state, j.lease_expires_at
+)
+SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
+       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
+       done.lease_expires_at
+FROM cur
+LEFT JOIN done ON done.id = cur.id
+ORDER BY cur.ord;
+
+
+-- name: release_expired_leases :many
+-- Lease recovery, one page: running jobs whose lease has passed go back to `available`
+-- with run_at unchanged (claimable at once), or end `failed` when their attempts are spent.
+-- Fenced like a write-back: the page is locked with FOR UPDATE SKIP LOCKED, which re-reads
+-- the newest row version, and the UPDATE matches (id, claim_epoch, state = 'running'), so a
+-- job completed or reclaimed between the scan and the update is never touched.
+WITH expired AS MATERIALIZED (
+    SELECT j.id, j.claim_epoch
+    FROM {schema}.jobs j
+    WHERE j.state = 'running'
+      AND j.lease_expires_at <= coalesce(%(now)s::timestamptz, now())
+    ORDER BY j.lease_expires_at, j.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs j
+SET state = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'available' END,
+    last_error = format('lease expired: slot %%s stopped renewing epoch %%s', j.claimed_by, j.claim_epoch),
+    claimed_by = NULL,
+    lease_expires_at = NULL,
+    finished_at = CASE WHEN j.attempts >= j.max_attempts
+                       THEN coalesce(%(now)s::timestamptz, now()) END,
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM expired
+WHERE j.id = expired.id
+  AND j.claim_epoch = expired.claim_epoch
+  AND j.state = 'running'
+RETURNING j.id, j.state;
+
+
+-- name: try_recovery_lock :one
+-- One lease-recovery owner at a time, per schema. Transaction-scoped, so it needs no
+-- session state and works behind PgBouncer in transaction mode.
+SELECT pg_try_advisory_xact_lock(hashtextextended('substrate-recovery:' || %(schema)s, 0)) AS got;
+
+
+-- name: get_job :one
+SELECT * FROM {schema}.jobs WHERE id = %(id)s;
+
+
+-- name: list_jobs :many
+-- Newest first. NULL filters match everything.
+SELECT * FROM {schema}.jobs
+WHERE (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+  AND (%(state)s::text IS NULL OR state = %(state)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+
+-- name: cancel_job :one
+-- Only an unfinished job can be cancelled. A running job's executor learns it at its
+-- next write-back or heartbeat (reason not_running).
+UPDATE {schema}.jobs
+SET state = 'cancelled',
+    lease_expires_at = NULL,
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE id = %(id)s AND state IN ('available', 'running')
+RETURNING id;
+
+
+-- name: migrate_lock :one
+-- Serialises migrations of one schema; held until the migration's transaction ends.
+SELECT pg_advisory_xact_lock(hashtextextended('substrate-migrate:' || %(schema)s, 0)) AS locked;
+
+
+-- name: migrate_bootstrap :exec
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+
+-- name: migrations_applied :many
+SELECT version, name, checksum, applied_at
+FROM {schema}.schema_migrations
+ORDER BY version;
+
+
+-- name: migration_record :exec
+INSERT INTO {schema}.schema_migrations (version, name, checksum) VALUES (%(version)s, %(name)s, %(checksum)s);
+
+
+-- name: migrations_table_exists :one
+-- Lets `migration_status` answer for a database that was never migrated, without creating anything.
+SELECT to_regclass(%(table)s) IS NOT NULL AS present;

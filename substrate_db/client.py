@@ -1,0 +1,611 @@
+"""`Substrate` (blocking) and `AsyncSubstrate` (asyncio): thin shells over `core`.
+
+Each public method validates its arguments by building a plan in `core` and hands the
+plan to a driver that runs it on a pooled connection. The two drivers below are the
+only code that differs between the flavours; the method pairs are one line each and a
+test checks that their signatures match.
+
+Pools we create run in autocommit: a single statement is its own transaction (one round
+trip, no BEGIN/COMMIT), and plans that need more open a transaction explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import AsyncConnection, Connection
+from psycopg.rows import dict_row
+
+from . import core
+from ._queries import load_migrations, rendered_queries
+from .errors import ConnectionFailed, DatabaseError, SchemaNotMigrated
+from .migrate import migrate_plan, status_plan
+from .models import ClaimedJob, Job, JsonValue, MigrationStatus, RecoveryResult, WriteBackResult
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_SCHEMA = "substrate"
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver errors into substrate errors, keeping the original as `__cause__`."""
+    try:
+        yield
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaNotMigrated(
+            f"{exc.diag.message_primary or exc}: the substrate schema is missing or not "
+            "migrated; run `substrate-db migrate` or `Substrate.migrate()`",
+            sqlstate=exc.sqlstate,
+        ) from exc
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        raise ConnectionFailed(_one_line(exc), sqlstate=getattr(exc, "sqlstate", None)) from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(_one_line(exc), sqlstate=exc.sqlstate) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def pool_kwargs(pgbouncer: bool, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Connection settings for pools we build. Behind PgBouncer in transaction mode,
+    server-side prepared statements would leak between clients, so none are made."""
+    merged: dict[str, Any] = {"autocommit": True}
+    if pgbouncer:
+        merged["prepare_threshold"] = None
+    merged.update(kwargs or {})
+    return merged
+
+
+def _pool_sizes(options: dict[str, Any]) -> None:
+    """Default to a small pool that grows on demand: one connection kept, up to ten."""
+    options.setdefault("min_size", 1)
+    options.setdefault("max_size", max(options["min_size"], 10))
+
+
+def _doc(source: Callable[..., Any]) -> Callable[[F], F]:
+    """Give an async method the docstring of its sync twin: written once, read twice."""
+
+    def apply(target: F) -> F:
+        target.__doc__ = source.__doc__
+        return target
+
+    return apply
+
+
+def _execute(conn: Connection[Any], step: core.Stmt) -> Any:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(step.query.sql, step.params)
+        if step.query.returns == "one":
+            return cur.fetchone()
+        if step.query.returns == "many":
+            return cur.fetchall()
+        return cur.rowcount
+
+
+def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
+    """Run a plan on a blocking connection."""
+    open_txs: list[contextlib.AbstractContextManager[Any]] = []
+    try:
+        step = next(plan)
+        while True:
+            value: Any = None
+            if isinstance(step, core.Stmt):
+                value = _execute(conn, step)
+            elif isinstance(step, core.Begin):
+                tx = conn.transaction()
+                tx.__enter__()
+                open_txs.append(tx)
+            else:
+                open_txs.pop().__exit__(None, None, None)
+            step = plan.send(value)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    except BaseException as exc:
+        while open_txs:
+            open_txs.pop().__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    finally:
+        plan.close()
+
+
+async def _aexecute(conn: AsyncConnection[Any], step: core.Stmt) -> Any:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(step.query.sql, step.params)
+        if step.query.returns == "one":
+            return await cur.fetchone()
+        if step.query.returns == "many":
+            return await cur.fetchall()
+        return cur.rowcount
+
+
+async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
+    """Run a plan on an asyncio connection."""
+    open_txs: list[contextlib.AbstractAsyncContextManager[Any]] = []
+    try:
+        step = next(plan)
+        while True:
+            value: Any = None
+            if isinstance(step, core.Stmt):
+                value = await _aexecute(conn, step)
+            elif isinstance(step, core.Begin):
+                tx = conn.transaction()
+                await tx.__aenter__()
+                open_txs.append(tx)
+            else:
+                await open_txs.pop().__aexit__(None, None, None)
+            step = plan.send(value)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    except BaseException as exc:
+        while open_txs:
+            await open_txs.pop().__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    finally:
+        plan.close()
+
+
+class Substrate:
+    """The job substrate on one PostgreSQL database, for threads and plain code.
+
+    Build it from your own `psycopg_pool.ConnectionPool` (you keep ownership), or with
+    `Substrate.connect(conninfo)`, which owns its pool and closes it on `close()` or at
+    the end of a `with` block. Thread-safe: share one per process.
+    """
+
+    def __init__(
+        self, pool: psycopg_pool.ConnectionPool[Any], *, schema: str = DEFAULT_SCHEMA
+    ) -> None:
+        self._pool = pool
+        self._schema = core.check_schema(schema)
+        self._q = rendered_queries(self._schema)
+        self._owns_pool = False
+
+    @classmethod
+    def connect(
+        cls,
+        conninfo: str = "",
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        pgbouncer: bool = False,
+        **pool_options: Any,
+    ) -> Substrate:
+        """Open a pool to `conninfo` (any libpq conninfo: key=value or URI) and own it.
+
+        `pool_options` go to `psycopg_pool.ConnectionPool` (min_size, max_size, timeout,
+        kwargs, ...). With `pgbouncer=True` no server-side prepared statements are used,
+        as PgBouncer's transaction mode requires.
+        """
+        core.check_schema(schema)
+        kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
+        _pool_sizes(pool_options)
+        pool = psycopg_pool.ConnectionPool(conninfo, kwargs=kwargs, open=True, **pool_options)
+        client = cls(pool, schema=schema)
+        client._owns_pool = True
+        return client
+
+    @property
+    def pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        """The connection pool in use."""
+        return self._pool
+
+    @property
+    def schema(self) -> str:
+        """The Postgres schema holding the substrate's tables."""
+        return self._schema
+
+    def close(self) -> None:
+        """Close the pool if this client opened it."""
+        if self._owns_pool:
+            self._pool.close()
+
+    def __enter__(self) -> Substrate:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _run(self, plan: core.Plan[T], conn: Connection[Any] | None = None) -> T:
+        with translate_errors():
+            if conn is not None:
+                return drive(conn, plan)
+            with self._pool.connection() as pooled:
+                return drive(pooled, plan)
+
+    # -- schema ---------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations in order; return the versions applied (empty when
+        up to date). Safe to run from several processes at once."""
+        return self._run(migrate_plan(self._q, self._schema, load_migrations()))
+
+    def migration_status(self) -> list[MigrationStatus]:
+        """Every migration this version knows, with when it was applied (None: pending)."""
+        return self._run(status_plan(self._q, self._schema, load_migrations()))
+
+    # -- enqueue ----------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: JsonValue = None,
+        *,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        max_attempts: int = core.DEFAULT_MAX_ATTEMPTS,
+        dedupe_key: str | None = None,
+        conn: Any = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Add a job; return its id.
+
+        `payload` is any JSON value (None stores `{}`). A lower `priority` (a smallint)
+        is claimed first. `run_at` (timezone-aware) delays the job; by default it is
+        claimable at once. With `dedupe_key`, while a job holding that key is available
+        or running, that job's id is returned and nothing is inserted. With `conn`, the
+        insert runs on your connection, inside your transaction: it commits or rolls
+        back with it. `now` overrides Postgres' clock (for tests).
+        """
+        plan = core.enqueue(
+            self._q,
+            kind,
+            payload,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            dedupe_key=dedupe_key,
+            now=now,
+        )
+        return self._run(plan, conn)
+
+    def enqueue_many(
+        self, jobs: Iterable[Any], *, conn: Any = None, now: datetime | None = None
+    ) -> list[int]:
+        """Add many jobs in one round trip; return their ids in input order.
+
+        Each item is a mapping (or a model with `model_dump()`) with `kind` and the
+        optional keys `payload`, `priority`, `run_at`, `max_attempts`, `dedupe_key`.
+        The batch is one statement: all of it is inserted or none.
+        """
+        return self._run(core.enqueue_many(self._q, jobs, now), conn)
+
+    # -- claim ------------------------------------------------------------------------
+
+    def claim_next_job(
+        self,
+        slot_id: str,
+        kinds: Sequence[str],
+        lease_secs: int = core.DEFAULT_LEASE_SECS,
+        *,
+        now: datetime | None = None,
+    ) -> ClaimedJob | None:
+        """Claim the next available job of `kinds` for `slot_id`, or None.
+
+        The job becomes `running` with a new `claim_epoch`, one more attempt, and a lease
+        of `lease_secs` measured by Postgres' clock. Present the epoch on every write-back.
+        """
+        return self._run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+
+    def claim_jobs(
+        self,
+        slot_id: str,
+        kinds: Sequence[str],
+        limit: int,
+        lease_secs: int = core.DEFAULT_LEASE_SECS,
+        *,
+        now: datetime | None = None,
+    ) -> list[ClaimedJob]:
+        """Claim up to `limit` jobs in one statement, in claim order (priority, run_at, id)."""
+        return self._run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+
+    # -- write-back -------------------------------------------------------------------
+
+    def complete_job(
+        self,
+        job_id: int,
+        claim_epoch: int,
+        result: JsonValue = None,
+        *,
+        now: datetime | None = None,
+    ) -> WriteBackResult:
+        """Mark a job completed, storing `result`, if it is still running under
+        `claim_epoch`. A refused write is a result with `ok=False` and a reason."""
+        return self._run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+
+    def complete_jobs(
+        self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        """Complete many `(job_id, claim_epoch, result)` in one statement, fenced per job;
+        one result per item, in input order."""
+        return self._run(core.complete_jobs(self._q, jobs, now))
+
+    def fail_job(
+        self,
+        job_id: int,
+        claim_epoch: int,
+        error: str | BaseException,
+        *,
+        retryable: bool = True,
+        retry_in: float | None = None,
+        now: datetime | None = None,
+    ) -> WriteBackResult:
+        """Record a failed attempt, fenced like `complete_job`.
+
+        Retryable with attempts left: back to `available`, run_at moved by `retry_in`
+        seconds or by exponential backoff with jitter. Otherwise the job ends `failed`.
+        The error text is kept in `last_error`.
+        """
+        return self._run(
+            core.fail_job(self._q, job_id, claim_epoch, error, retryable, retry_in, now)
+        )
+
+    def fail_jobs(
+        self, jobs: Iterable[Sequence[Any]], *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        """Fail many `(job_id, claim_epoch, error[, retryable[, retry_in]])` in one
+        statement, fenced per job; one result per item, in input order."""
+        return self._run(core.fail_jobs(self._q, jobs, now))
+
+    def extend_lease(
+        self, job_id: int, claim_epoch: int, lease_secs: int, *, now: datetime | None = None
+    ) -> WriteBackResult:
+        """The heartbeat: move the lease to now + `lease_secs`, fenced on the epoch.
+        `ok=False` tells the executor it lost the job and should stop."""
+        return self._run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
+
+    def extend_leases(
+        self, jobs: Iterable[tuple[int, int]], lease_secs: int, *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        """Extend many `(job_id, claim_epoch)` leases in one statement."""
+        return self._run(core.extend_leases(self._q, jobs, lease_secs, now))
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def release_expired_leases(
+        self, limit: int | None = None, *, now: datetime | None = None
+    ) -> RecoveryResult:
+        """Return running jobs whose lease expired to `available` (run_at unchanged), or
+        to `failed` when their attempts are spent; at most `limit` (None: all), in pages
+        of short transactions. Fenced: a job finished meanwhile is never touched."""
+        result = self._run(core.release_expired_leases(self._q, limit, now))
+        assert result is not None
+        return result
+
+    def release_expired_leases_exclusive(
+        self, limit: int | None = None, *, now: datetime | None = None
+    ) -> RecoveryResult | None:
+        """Like `release_expired_leases`, but only one caller per schema works at a time
+        (a transaction-scoped advisory lock, safe behind PgBouncer). Returns None when
+        another owner holds the lock."""
+        plan = core.release_expired_leases(self._q, limit, now, exclusive_schema=self._schema)
+        return self._run(plan)
+
+    # -- reads and cancel -------------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Job | None:
+        """The job with this id, or None."""
+        return self._run(core.get_job(self._q, job_id))
+
+    def list_jobs(
+        self, *, kind: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first, optionally of one kind and one state."""
+        return self._run(core.list_jobs(self._q, kind, state, limit))
+
+    def cancel_job(self, job_id: int, *, now: datetime | None = None) -> bool:
+        """Cancel a job that has not finished; False when it had already finished or does
+        not exist. A running job's executor learns it at its next write-back."""
+        return self._run(core.cancel_job(self._q, job_id, now))
+
+
+class AsyncSubstrate:
+    """The job substrate for asyncio: the same methods as `Substrate`, awaited."""
+
+    def __init__(
+        self, pool: psycopg_pool.AsyncConnectionPool[Any], *, schema: str = DEFAULT_SCHEMA
+    ) -> None:
+        self._pool = pool
+        self._schema = core.check_schema(schema)
+        self._q = rendered_queries(self._schema)
+        self._owns_pool = False
+
+    @classmethod
+    async def connect(
+        cls,
+        conninfo: str = "",
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        pgbouncer: bool = False,
+        **pool_options: Any,
+    ) -> AsyncSubstrate:
+        """Open an asyncio pool to `conninfo` and own it; see `Substrate.connect`."""
+        core.check_schema(schema)
+        kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
+        _pool_sizes(pool_options)
+        pool = psycopg_pool.AsyncConnectionPool(conninfo, kwargs=kwargs, open=False, **pool_options)
+        await pool.open()
+        client = cls(pool, schema=schema)
+        client._owns_pool = True
+        return client
+
+    @property
+    def pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
+        """The connection pool in use."""
+        return self._pool
+
+    @property
+    def schema(self) -> str:
+        """The Postgres schema holding the substrate's tables."""
+        return self._schema
+
+    async def close(self) -> None:
+        """Close the pool if this client opened it."""
+        if self._owns_pool:
+            await self._pool.close()
+
+    async def __aenter__(self) -> AsyncSubstrate:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _run(self, plan: core.Plan[T], conn: AsyncConnection[Any] | None = None) -> T:
+        with translate_errors():
+            if conn is not None:
+                return await adrive(conn, plan)
+            async with self._pool.connection() as pooled:
+                return await adrive(pooled, plan)
+
+    @_doc(Substrate.migrate)
+    async def migrate(self) -> list[int]:
+        return await self._run(migrate_plan(self._q, self._schema, load_migrations()))
+
+    @_doc(Substrate.migration_status)
+    async def migration_status(self) -> list[MigrationStatus]:
+        return await self._run(status_plan(self._q, self._schema, load_migrations()))
+
+    @_doc(Substrate.enqueue)
+    async def enqueue(
+        self,
+        kind: str,
+        payload: JsonValue = None,
+        *,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        max_attempts: int = core.DEFAULT_MAX_ATTEMPTS,
+        dedupe_key: str | None = None,
+        conn: Any = None,
+        now: datetime | None = None,
+    ) -> int:
+        plan = core.enqueue(
+            self._q,
+            kind,
+            payload,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            dedupe_key=dedupe_key,
+            now=now,
+        )
+        return await self._run(plan, conn)
+
+    @_doc(Substrate.enqueue_many)
+    async def enqueue_many(
+        self, jobs: Iterable[Any], *, conn: Any = None, now: datetime | None = None
+    ) -> list[int]:
+        return await self._run(core.enqueue_many(self._q, jobs, now), conn)
+
+    @_doc(Substrate.claim_next_job)
+    async def claim_next_job(
+        self,
+        slot_id: str,
+        kinds: Sequence[str],
+        lease_secs: int = core.DEFAULT_LEASE_SECS,
+        *,
+        now: datetime | None = None,
+    ) -> ClaimedJob | None:
+        return await self._run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+
+    @_doc(Substrate.claim_jobs)
+    async def claim_jobs(
+        self,
+        slot_id: str,
+        kinds: Sequence[str],
+        limit: int,
+        lease_secs: int = core.DEFAULT_LEASE_SECS,
+        *,
+        now: datetime | None = None,
+    ) -> list[ClaimedJob]:
+        return await self._run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+
+    @_doc(Substrate.complete_job)
+    async def complete_job(
+        self,
+        job_id: int,
+        claim_epoch: int,
+        result: JsonValue = None,
+        *,
+        now: datetime | None = None,
+    ) -> WriteBackResult:
+        return await self._run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+
+    @_doc(Substrate.complete_jobs)
+    async def complete_jobs(
+        self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        return await self._run(core.complete_jobs(self._q, jobs, now))
+
+    @_doc(Substrate.fail_job)
+    async def fail_job(
+        self,
+        job_id: int,
+        claim_epoch: int,
+        error: str | BaseException,
+        *,
+        retryable: bool = True,
+        retry_in: float | None = None,
+        now: datetime | None = None,
+    ) -> WriteBackResult:
+        return await self._run(
+            core.fail_job(self._q, job_id, claim_epoch, error, retryable, retry_in, now)
+        )
+
+    @_doc(Substrate.fail_jobs)
+    async def fail_jobs(
+        self, jobs: Iterable[Sequence[Any]], *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        return await self._run(core.fail_jobs(self._q, jobs, now))
+
+    @_doc(Substrate.extend_lease)
+    async def extend_lease(
+        self, job_id: int, claim_epoch: int, lease_secs: int, *, now: datetime | None = None
+    ) -> WriteBackResult:
+        return await self._run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
+
+    @_doc(Substrate.extend_leases)
+    async def extend_leases(
+        self, jobs: Iterable[tuple[int, int]], lease_secs: int, *, now: datetime | None = None
+    ) -> list[WriteBackResult]:
+        return await self._run(core.extend_leases(self._q, jobs, lease_secs, now))
+
+    @_doc(Substrate.release_expired_leases)
+    async def release_expired_leases(
+        self, limit: int | None = None, *, now: datetime | None = None
+    ) -> RecoveryResult:
+        result = await self._run(core.release_expired_leases(self._q, limit, now))
+        assert result is not None
+        return result
+
+    @_doc(Substrate.release_expired_leases_exclusive)
+    async def release_expired_leases_exclusive(
+        self, limit: int | None = None, *, now: datetime | None = None
+    ) -> RecoveryResult | None:
+        plan = core.release_expired_leases(self._q, limit, now, exclusive_schema=self._schema)
+        return await self._run(plan)
+
+    @_doc(Substrate.get_job)
+    async def get_job(self, job_id: int) -> Job | None:
+        return await self._run(core.get_job(self._q, job_id))
+
+    @_doc(Substrate.list_jobs)
+    async def list_jobs(
+        self, *, kind: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        return await self._run(core.list_jobs(self._q, kind, state, limit))
+
+    @_doc(Substrate.cancel_job)
+    async def cancel_job(self, job_id: int, *, now: datetime | None = None) -> bool:
+        return await self._run(core.cancel_job(self._q, job_id, now))

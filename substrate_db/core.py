@@ -1,0 +1,635 @@
+"""The substrate's logic without I/O: validation, parameters in, rows to results out.
+
+Every operation is a *plan*: a generator that yields the statements to run (and
+transaction boundaries) and receives their rows, then returns the operation's result.
+`Substrate` drives plans on a blocking connection and `AsyncSubstrate` on an asyncio one;
+neither holds logic of its own, so the two can never drift apart.
+
+Arguments are validated when the plan is built, before a connection is taken, so bad
+input raises `InvalidArgument` without touching the database.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+from ._queries import Rendered
+from .errors import InvalidArgument
+from .models import (
+    ClaimedJob,
+    Job,
+    JobState,
+    RecoveryResult,
+    WriteBackReason,
+    WriteBackResult,
+)
+
+T = TypeVar("T")
+
+# -- limits ---------------------------------------------------------------------------
+
+MAX_NAME_LEN: Final = 200
+"""Longest kind, slot id or dedupe key."""
+SMALLINT_MIN: Final = -32768
+SMALLINT_MAX: Final = 32767
+INT_MAX: Final = 2**31 - 1
+MAX_LEASE_SECS: Final = INT_MAX
+"""A lease of about 68 years: past this Postgres intervals and timestamps overflow."""
+MAX_ERROR_LEN: Final = 10_000
+"""Error texts longer than this are cut (never refused: a failure must always be recordable)."""
+RECOVERY_PAGE: Final = 1000
+"""Lease recovery updates at most this many rows per statement, keeping transactions short."""
+DEFAULT_LEASE_SECS: Final = 300
+DEFAULT_MAX_ATTEMPTS: Final = 5
+
+# -- plan steps -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stmt:
+    """Run one named query. The plan receives a row (dict) or None for `:one`, a list of
+    rows for `:many`, and the row count for `:exec`."""
+
+    query: Rendered
+    params: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Open a transaction (a savepoint when one is already open)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Commit the innermost transaction opened by `Begin`."""
+
+
+BEGIN: Final = Begin()
+COMMIT: Final = Commit()
+
+Step = Stmt | Begin | Commit
+Plan = Generator[Step, Any, T]
+
+
+def _run_one(stmt: Stmt, convert: Callable[[Any], T]) -> Plan[T]:
+    """The plan of a single statement whose result is converted."""
+    received = yield stmt
+    return convert(received)
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+def check_name(field: str, value: object) -> str:
+    """A kind, slot id or dedupe key: a non-empty string of at most 200 characters."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN or "\x00" in value:
+        raise InvalidArgument(
+            field, value, f"a non-empty string of at most {MAX_NAME_LEN} characters"
+        )
+    return value
+
+
+def check_kinds(value: object) -> list[str]:
+    """A non-empty list of kinds. A bare string is refused: it is a sequence of letters."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidArgument("kinds", value, "a non-empty list of job kinds")
+    kinds = list(value)
+    if not kinds:
+        raise InvalidArgument("kinds", value, "a non-empty list of job kinds")
+    for i, kind in enumerate(kinds):
+        check_name(f"kinds[{i}]", kind)
+    return list(dict.fromkeys(kinds))
+
+
+def check_int(field: str, value: object, low: int, high: int) -> int:
+    """An integer (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        expected = f"an integer >= {low}" if high >= INT_MAX else f"an integer from {low} to {high}"
+        raise InvalidArgument(field, value, expected)
+    return value
+
+
+def check_optional_name(field: str, value: object) -> str | None:
+    return None if value is None else check_name(field, value)
+
+
+def check_aware(field: str, value: object) -> datetime | None:
+    """None, or a timezone-aware datetime: a naive one has no meaning across machines."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidArgument(field, value, "a timezone-aware datetime")
+    return value
+
+
+def to_json(field: str, value: object) -> str:
+    """Serialise a payload or result for jsonb, refusing what jsonb would refuse later."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(field, value, f"JSON-serializable ({exc})") from None
+    if "\\u0000" in text:
+        raise InvalidArgument(field, value, "JSON without NUL characters (jsonb cannot store them)")
+    return text
+
+
+def check_retry_in(value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_LEASE_SECS
+    ):
+        raise InvalidArgument("retry_in", value, "None or a number of seconds >= 0")
+    return float(value)
+
+
+def check_schema(value: object) -> str:
+    """A schema name: a plain SQL identifier (it is quoted anyway, but we keep it boring)."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 63
+        or not (value[0].isascii() and (value[0].isalpha() or value[0] == "_"))
+        or not all(c.isascii() and (c.isalnum() or c == "_") for c in value)
+    ):
+        raise InvalidArgument(
+            "schema", value, "an identifier: a letter or _, then letters, digits or _, at most 63"
+        )
+    return value
+
+
+def check_job_id(field: str, value: object) -> int:
+    return check_int(field, value, 1, 2**63 - 1)
+
+
+def check_epoch(field: str, value: object) -> int:
+    return check_int(field, value, 0, 2**63 - 1)
+
+
+# -- enqueue --------------------------------------------------------------------------
+
+_SPEC_KEYS: Final = frozenset(
+    {"kind", "payload", "priority", "run_at", "max_attempts", "dedupe_key"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    kind: str
+    payload: str
+    priority: int
+    run_at: datetime | None
+    max_attempts: int
+    dedupe_key: str | None
+
+
+def _job_row(
+    prefix: str,
+    kind: object,
+    payload: object,
+    priority: object,
+    run_at: object,
+    max_attempts: object,
+    dedupe_key: object,
+) -> _Row:
+    return _Row(
+        kind=check_name(f"{prefix}kind", kind),
+        payload=to_json(f"{prefix}payload", {} if payload is None else payload),
+        priority=check_int(f"{prefix}priority", priority, SMALLINT_MIN, SMALLINT_MAX),
+        run_at=check_aware(f"{prefix}run_at", run_at),
+        max_attempts=check_int(f"{prefix}max_attempts", max_attempts, 1, INT_MAX),
+        dedupe_key=check_optional_name(f"{prefix}dedupe_key", dedupe_key),
+    )
+
+
+def _enqueue_plan(
+    q: Mapping[str, Rendered], rows: Sequence[_Row], now: datetime | None
+) -> Plan[list[int]]:
+    if not rows:
+        return []
+    params = {
+        "kinds": [r.kind for r in rows],
+        "payloads": [r.payload for r in rows],
+        "priorities": [r.priority for r in rows],
+        "run_ats": [r.run_at for r in rows],
+        "max_attempts": [r.max_attempts for r in rows],
+        "dedupe_keys": [r.dedupe_key for r in rows],
+        "now": now,
+    }
+    result = yield Stmt(q["enqueue_jobs"], params)
+    return [int(row["id"]) for row in result]
+
+
+def enqueue(
+    q: Mapping[str, Rendered],
+    kind: object,
+    payload: object,
+    *,
+    priority: object,
+    run_at: object,
+    max_attempts: object,
+    dedupe_key: object,
+    now: datetime | None,
+) -> Plan[int]:
+    row = _job_row("", kind, payload, priority, run_at, max_attempts, dedupe_key)
+    return _first(_enqueue_plan(q, [row], check_aware("now", now)))
+
+
+def _first(plan: Plan[list[int]]) -> Plan[int]:
+    ids = yield from plan
+    return ids[0]
+
+
+def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) -> Plan[list[int]]:
+    """Jobs are mappings (or models with `model_dump()`) with `kind` and the optional
+    fields of `enqueue`. Unknown keys are refused, so a typo cannot pass silently."""
+    if isinstance(jobs, str | bytes | Mapping) or not isinstance(jobs, Iterable):
+        raise InvalidArgument("jobs", jobs, "a list of job mappings")
+    rows: list[_Row] = []
+    for i, item in enumerate(jobs):
+        spec = item.model_dump() if hasattr(item, "model_dump") else item
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument(f"jobs[{i}]", item, "a mapping with at least 'kind'")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise InvalidArgument(
+                f"jobs[{i}]",
+                item,
+                f"only the keys {sorted(_SPEC_KEYS)} (unknown: {sorted(unknown)})",
+            )
+        if "kind" not in spec:
+            raise InvalidArgument(
+                f"jobs[{i}].kind", None, "a non-empty string of at most 200 characters"
+            )
+        rows.append(
+            _job_row(
+                f"jobs[{i}].",
+                spec["kind"],
+                spec.get("payload"),
+                spec.get("priority", 0),
+                spec.get("run_at"),
+                spec.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+                spec.get("dedupe_key"),
+            )
+        )
+    return _enqueue_plan(q, rows, check_aware("now", now))
+
+
+# -- claim ----------------------------------------------------------------------------
+
+
+def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
+    jobs = [ClaimedJob.model_construct(**row) for row in rows]
+    # UPDATE ... RETURNING gives no order; hand jobs back in claim order.
+    jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
+    return jobs
+
+
+def claim_jobs(
+    q: Mapping[str, Rendered],
+    slot_id: object,
+    kinds: object,
+    limit: object,
+    lease_secs: object,
+    now: datetime | None,
+) -> Plan[list[ClaimedJob]]:
+    params = {
+        "slot_id": check_name("slot_id", slot_id),
+        "kinds": check_kinds(kinds),
+        "limit": check_int("limit", limit, 1, INT_MAX),
+        "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
+        "now": check_aware("now", now),
+    }
+    return _run_one(Stmt(q["claim_jobs"], params), _claimed)
+
+
+def claim_next_job(
+    q: Mapping[str, Rendered],
+    slot_id: object,
+    kinds: object,
+    lease_secs: object,
+    now: datetime | None,
+) -> Plan[ClaimedJob | None]:
+    plan = claim_jobs(q, slot_id, kinds, 1, lease_secs, now)
+    return _single_or_none(plan)
+
+
+def _single_or_none(plan: Plan[list[ClaimedJob]]) -> Plan[ClaimedJob | None]:
+    jobs = yield from plan
+    return jobs[0] if jobs else None
+
+
+# -- write-back -----------------------------------------------------------------------
+
+
+def writeback_result(row: Mapping[str, Any]) -> WriteBackResult:
+    """Turn one row of a fenced write-back query into its result and reason."""
+    expected = int(row["epoch"])
+    actual = row["actual_epoch"]
+    state = row["state"]
+    if row["applied"]:
+        reason = WriteBackReason.APPLIED
+    elif state is None:
+        reason = WriteBackReason.NOT_FOUND
+    elif state == JobState.RUNNING and actual == 0:
+        reason = WriteBackReason.PRE_FENCING
+    elif actual != expected:
+        reason = WriteBackReason.STALE_EPOCH
+    else:
+        reason = WriteBackReason.NOT_RUNNING
+    return WriteBackResult.model_construct(
+        job_id=int(row["id"]),
+        ok=bool(row["applied"]),
+        reason=reason,
+        expected_epoch=expected,
+        actual_epoch=None if actual is None else int(actual),
+        state=None if state is None else JobState(state),
+        lease_expires_at=row["lease_expires_at"],
+    )
+
+
+def _writeback_plan(
+    query: Rendered,
+    field: str,
+    items: list[tuple[int, int, tuple[Any, ...]]],
+    extra_arrays: Sequence[str],
+    params: dict[str, Any],
+) -> Plan[list[WriteBackResult]]:
+    """Run a batch write-back with its inputs sorted by job id, so that concurrent batches
+    take row locks in one order, then hand results back in the caller's order."""
+    seen: set[int] = set()
+    for job_id, _, _ in items:
+        if job_id in seen:
+            raise InvalidArgument(field, job_id, "each job id at most once per call")
+        seen.add(job_id)
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    params["ids"] = [items[i][0] for i in order]
+    params["epochs"] = [items[i][1] for i in order]
+    for k, name in enumerate(extra_arrays):
+        params[name] = [items[i][2][k] for i in order]
+    return _writeback_rows(query, params, order)
+
+
+def _writeback_rows(
+    query: Rendered, params: dict[str, Any], order: list[int]
+) -> Plan[list[WriteBackResult]]:
+    if not order:
+        return []
+    rows = yield Stmt(query, params)
+    results: list[WriteBackResult | None] = [None] * len(order)
+    for row in rows:
+        results[order[int(row["ord"]) - 1]] = writeback_result(row)
+    return [r for r in results if r is not None]
+
+
+def complete_jobs(
+    q: Mapping[str, Rendered], jobs: Iterable[tuple[int, int, Any]], now: datetime | None
+) -> Plan[list[WriteBackResult]]:
+    items: list[tuple[int, int, tuple[Any, ...]]] = []
+    for i, item in enumerate(_triples("jobs", jobs, 3)):
+        job_id = check_job_id(f"jobs[{i}].job_id", item[0])
+        epoch = check_epoch(f"jobs[{i}].claim_epoch", item[1])
+        result = item[2]
+        items.append(
+            (job_id, epoch, (None if result is None else to_json(f"jobs[{i}].result", result),))
+        )
+    return _writeback_plan(
+        q["complete_jobs"], "jobs", items, ["results"], {"now": check_aware("now", now)}
+    )
+
+
+def complete_job(
+    q: Mapping[str, Rendered],
+    job_id: object,
+    claim_epoch: object,
+    result: object,
+    now: datetime | None,
+) -> Plan[WriteBackResult]:
+    job_id = check_job_id("job_id", job_id)
+    claim_epoch = check_epoch("claim_epoch", claim_epoch)
+    payload = None if result is None else to_json("result", result)
+    plan = _writeback_plan(
+        q["complete_jobs"],
+        "job_id",
+        [(job_id, claim_epoch, (payload,))],
+        ["results"],
+        {"now": check_aware("now", now)},
+    )
+    return _only(plan)
+
+
+def _only(plan: Plan[list[WriteBackResult]]) -> Plan[WriteBackResult]:
+    results = yield from plan
+    return results[0]
+
+
+def _error_text(field: str, error: object) -> str:
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    if not isinstance(error, str):
+        raise InvalidArgument(field, error, "an error message (str) or an exception")
+    error = error.replace("\x00", "\\x00")
+    if len(error) > MAX_ERROR_LEN:
+        marker = " ...[truncated]"
+        error = error[: MAX_ERROR_LEN - len(marker)] + marker
+    return error
+
+
+def _fail_item(
+    prefix: str,
+    job_id: object,
+    claim_epoch: object,
+    error: object,
+    retryable: object,
+    retry_in: object,
+) -> tuple[int, int, tuple[Any, ...]]:
+    if not isinstance(retryable, bool):
+        raise InvalidArgument(f"{prefix}retryable", retryable, "True or False")
+    return (
+        check_job_id(f"{prefix}job_id", job_id),
+        check_epoch(f"{prefix}claim_epoch", claim_epoch),
+        (_error_text(f"{prefix}error", error), retryable, check_retry_in(retry_in)),
+    )
+
+
+_FAIL_ARRAYS: Final = ("errors", "retryables", "retry_ins")
+
+
+def fail_job(
+    q: Mapping[str, Rendered],
+    job_id: object,
+    claim_epoch: object,
+    error: object,
+    retryable: object,
+    retry_in: object,
+    now: datetime | None,
+) -> Plan[WriteBackResult]:
+    item = _fail_item("", job_id, claim_epoch, error, retryable, retry_in)
+    plan = _writeback_plan(
+        q["fail_jobs"], "job_id", [item], _FAIL_ARRAYS, {"now": check_aware("now", now)}
+    )
+    return _only(plan)
+
+
+def fail_jobs(
+    q: Mapping[str, Rendered], jobs: Iterable[Sequence[Any]], now: datetime | None
+) -> Plan[list[WriteBackResult]]:
+    """Items are (job_id, claim_epoch, error) with optional retryable and retry_in after."""
+    items = []
+    for i, item in enumerate(_triples("jobs", jobs, 3, 5)):
+        retryable = item[3] if len(item) > 3 else True
+        retry_in = item[4] if len(item) > 4 else None
+        items.append(_fail_item(f"jobs[{i}].", item[0], item[1], item[2], retryable, retry_in))
+    return _writeback_plan(
+        q["fail_jobs"], "jobs", items, _FAIL_ARRAYS, {"now": check_aware("now", now)}
+    )
+
+
+def extend_leases(
+    q: Mapping[str, Rendered],
+    jobs: Iterable[Sequence[Any]],
+    lease_secs: object,
+    now: datetime | None,
+) -> Plan[list[WriteBackResult]]:
+    """Items are (job_id, claim_epoch)."""
+    items: list[tuple[int, int, tuple[Any, ...]]] = [
+        (check_job_id(f"jobs[{i}].job_id", it[0]), check_epoch(f"jobs[{i}].claim_epoch", it[1]), ())
+        for i, it in enumerate(_triples("jobs", jobs, 2))
+    ]
+    params = {
+        "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
+        "now": check_aware("now", now),
+    }
+    return _writeback_plan(q["extend_leases"], "jobs", items, (), params)
+
+
+def extend_lease(
+    q: Mapping[str, Rendered],
+    job_id: object,
+    claim_epoch: object,
+    lease_secs: object,
+    now: datetime | None,
+) -> Plan[WriteBackResult]:
+    job_id = check_job_id("job_id", job_id)
+    claim_epoch = check_epoch("claim_epoch", claim_epoch)
+    return _only(extend_leases(q, [(job_id, claim_epoch)], lease_secs, now))
+
+
+def _triples(field: str, value: object, size: int, most: int | None = None) -> list[Sequence[Any]]:
+    """Check a batch argument: an iterable of tuples of `size` (up to `most`) items."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise InvalidArgument(field, value, "a list of tuples")
+    items = list(value)
+    most = most or size
+    for i, item in enumerate(items):
+        if (
+            isinstance(item, str | bytes)
+            or not isinstance(item, Sequence)
+            or not size <= len(item) <= most
+        ):
+            shape = f"{size}" if most == size else f"{size} to {most}"
+            raise InvalidArgument(f"{field}[{i}]", item, f"a tuple of {shape} items")
+    return items
+
+
+# -- recovery -------------------------------------------------------------------------
+
+
+def release_expired_leases(
+    q: Mapping[str, Rendered],
+    limit: object,
+    now: datetime | None,
+    *,
+    exclusive_schema: str | None = None,
+    page_size: int = RECOVERY_PAGE,
+) -> Plan[RecoveryResult | None]:
+    """Release expired leases page by page, each page its own short transaction.
+
+    With `exclusive_schema`, each page first takes the schema's recovery advisory lock
+    (transaction-scoped) and the plan returns None when another owner holds it at the
+    first page, or stops early when it loses the lock later.
+    """
+    checked_limit = None if limit is None else check_int("limit", limit, 1, INT_MAX)
+    return _release_plan(q, checked_limit, check_aware("now", now), exclusive_schema, page_size)
+
+
+def _release_plan(
+    q: Mapping[str, Rendered],
+    limit: int | None,
+    now: datetime | None,
+    exclusive_schema: str | None,
+    page_size: int,
+) -> Plan[RecoveryResult | None]:
+    requeued: list[int] = []
+    failed: list[int] = []
+    first = True
+    while True:
+        page = page_size if limit is None else min(page_size, limit - len(requeued) - len(failed))
+        if page <= 0:
+            break
+        if exclusive_schema is not None:
+            yield BEGIN
+            lock = yield Stmt(q["try_recovery_lock"], {"schema": exclusive_schema})
+            if not lock["got"]:
+                yield COMMIT
+                if first:
+                    return None
+                break
+        rows = yield Stmt(q["release_expired_leases"], {"limit": page, "now": now})
+        if exclusive_schema is not None:
+            yield COMMIT
+        first = False
+        for row in rows:
+            (failed if row["state"] == JobState.FAILED else requeued).append(int(row["id"]))
+        if len(rows) < page:
+            break
+    return RecoveryResult(
+        requeued=len(requeued),
+        failed=len(failed),
+        requeued_ids=tuple(sorted(requeued)),
+        failed_ids=tuple(sorted(failed)),
+    )
+
+
+# -- reads and cancel -----------------------------------------------------------------
+
+
+def _job_or_none(row: Mapping[str, Any] | None) -> Job | None:
+    return None if row is None else Job.model_construct(**{**row, "state": JobState(row["state"])})
+
+
+def get_job(q: Mapping[str, Rendered], job_id: object) -> Plan[Job | None]:
+    return _run_one(Stmt(q["get_job"], {"id": check_job_id("job_id", job_id)}), _job_or_none)
+
+
+def _jobs(rows: list[dict[str, Any]]) -> list[Job]:
+    return [Job.model_construct(**{**row, "state": JobState(row["state"])}) for row in rows]
+
+
+_STATES: Final = frozenset(s.value for s in JobState)
+
+
+def list_jobs(
+    q: Mapping[str, Rendered], kind: object, state: object, limit: object
+) -> Plan[list[Job]]:
+    if state is not None and (not isinstance(state, str) or state not in _STATES):
+        raise InvalidArgument("state", state, f"one of {', '.join(sorted(_STATES))}")
+    params = {
+        "kind": check_optional_name("kind", kind),
+        "state": None if state is None else str(state),
+        "limit": check_int("limit", limit, 1, INT_MAX),
+    }
+    return _run_one(Stmt(q["list_jobs"], params), _jobs)
+
+
+def cancel_job(q: Mapping[str, Rendered], job_id: object, now: datetime | None) -> Plan[bool]:
+    params = {"id": check_job_id("job_id", job_id), "now": check_aware("now", now)}
+    return _run_one(Stmt(q["cancel_job"], params), lambda row: row is not None)
