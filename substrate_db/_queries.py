@@ -1,6 +1,7 @@
 """Loads the named queries and the migrations shipped with the package.
 
-The SQL lives in `sql/` at the repository root; the wheel carries the same files as
+The SQL lives in `sql/` at the repository root (`queries.sql`, `queries/<area>.sql`,
+`migrations/NNNN_name.sql`); the wheel carries the same files as
 `substrate_db/sql/`. Installed packages read the packaged copy; a source checkout
 (editable install, tests) reads the root copy. Files are read once per process.
 
@@ -85,8 +86,19 @@ def parse_queries(text: str) -> dict[str, Query]:
 
 @functools.cache
 def load_queries() -> dict[str, Query]:
-    """The named queries of this installation."""
-    return parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    """The named queries of this installation: `queries.sql`, then every file in
+    `queries/` (one per feature area), in name order. A name may be defined once."""
+    root = sql_dir()
+    files = [root / "queries.sql"]
+    if (root / "queries").is_dir():
+        files += sorted(p for p in (root / "queries").iterdir() if p.suffix == ".sql")
+    queries: dict[str, Query] = {}
+    for path in files:
+        for name, query in parse_queries(path.read_text(encoding="utf-8")).items():
+            if name in queries:
+                raise RuntimeError(f"query {name!r} is defined twice (again in {path.name})")
+            queries[name] = query
+    return queries
 
 
 @functools.cache

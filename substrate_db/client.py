@@ -216,7 +216,10 @@ class Substrate:
     ) -> None:
         self.close()
 
-    def _run(self, plan: core.Plan[T], conn: Connection[Any] | None = None) -> T:
+    def run(self, plan: core.Plan[T], conn: Connection[Any] | None = None) -> T:
+        """Run a plan built by `substrate_db.core` (or a feature module) on a pooled
+        connection, or on `conn` inside the caller's transaction. Database errors are
+        raised as `DatabaseError` subclasses. The extension point for feature modules."""
         with translate_errors():
             if conn is not None:
                 return drive(conn, plan)
@@ -228,11 +231,11 @@ class Substrate:
     def migrate(self) -> list[int]:
         """Apply pending migrations in order; return the versions applied (empty when
         up to date). Safe to run from several processes at once."""
-        return self._run(migrate_plan(self._q, self._schema, load_migrations()))
+        return self.run(migrate_plan(self._q, self._schema, load_migrations()))
 
     def migration_status(self) -> list[MigrationStatus]:
         """Every migration this version knows, with when it was applied (None: pending)."""
-        return self._run(status_plan(self._q, self._schema, load_migrations()))
+        return self.run(status_plan(self._q, self._schema, load_migrations()))
 
     # -- enqueue ----------------------------------------------------------------------
 
@@ -267,7 +270,7 @@ class Substrate:
             dedupe_key=dedupe_key,
             now=now,
         )
-        return self._run(plan, conn)
+        return self.run(plan, conn)
 
     def enqueue_many(
         self, jobs: Iterable[Any], *, conn: Any = None, now: datetime | None = None
@@ -278,7 +281,7 @@ class Substrate:
         optional keys `payload`, `priority`, `run_at`, `max_attempts`, `dedupe_key`.
         The batch is one statement: all of it is inserted or none.
         """
-        return self._run(core.enqueue_many(self._q, jobs, now), conn)
+        return self.run(core.enqueue_many(self._q, jobs, now), conn)
 
     # -- claim ------------------------------------------------------------------------
 
@@ -295,7 +298,7 @@ class Substrate:
         The job becomes `running` with a new `claim_epoch`, one more attempt, and a lease
         of `lease_secs` measured by Postgres' clock. Present the epoch on every write-back.
         """
-        return self._run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+        return self.run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
 
     def claim_jobs(
         self,
@@ -307,7 +310,7 @@ class Substrate:
         now: datetime | None = None,
     ) -> list[ClaimedJob]:
         """Claim up to `limit` jobs in one statement, in claim order (priority, run_at, id)."""
-        return self._run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+        return self.run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
 
     # -- write-back -------------------------------------------------------------------
 
@@ -321,14 +324,14 @@ class Substrate:
     ) -> WriteBackResult:
         """Mark a job completed, storing `result`, if it is still running under
         `claim_epoch`. A refused write is a result with `ok=False` and a reason."""
-        return self._run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+        return self.run(core.complete_job(self._q, job_id, claim_epoch, result, now))
 
     def complete_jobs(
         self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
     ) -> list[WriteBackResult]:
         """Complete many `(job_id, claim_epoch, result)` in one statement, fenced per job;
         one result per item, in input order."""
-        return self._run(core.complete_jobs(self._q, jobs, now))
+        return self.run(core.complete_jobs(self._q, jobs, now))
 
     def fail_job(
         self,
@@ -346,7 +349,7 @@ class Substrate:
         seconds or by exponential backoff with jitter. Otherwise the job ends `failed`.
         The error text is kept in `last_error`.
         """
-        return self._run(
+        return self.run(
             core.fail_job(self._q, job_id, claim_epoch, error, retryable, retry_in, now)
         )
 
@@ -355,20 +358,20 @@ class Substrate:
     ) -> list[WriteBackResult]:
         """Fail many `(job_id, claim_epoch, error[, retryable[, retry_in]])` in one
         statement, fenced per job; one result per item, in input order."""
-        return self._run(core.fail_jobs(self._q, jobs, now))
+        return self.run(core.fail_jobs(self._q, jobs, now))
 
     def extend_lease(
         self, job_id: int, claim_epoch: int, lease_secs: int, *, now: datetime | None = None
     ) -> WriteBackResult:
         """The heartbeat: move the lease to now + `lease_secs`, fenced on the epoch.
         `ok=False` tells the executor it lost the job and should stop."""
-        return self._run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
+        return self.run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
 
     def extend_leases(
         self, jobs: Iterable[tuple[int, int]], lease_secs: int, *, now: datetime | None = None
     ) -> list[WriteBackResult]:
         """Extend many `(job_id, claim_epoch)` leases in one statement."""
-        return self._run(core.extend_leases(self._q, jobs, lease_secs, now))
+        return self.run(core.extend_leases(self._q, jobs, lease_secs, now))
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -378,7 +381,7 @@ class Substrate:
         """Return running jobs whose lease expired to `available` (run_at unchanged), or
         to `failed` when their attempts are spent; at most `limit` (None: all), in pages
         of short transactions. Fenced: a job finished meanwhile is never touched."""
-        result = self._run(core.release_expired_leases(self._q, limit, now))
+        result = self.run(core.release_expired_leases(self._q, limit, now))
         assert result is not None
         return result
 
@@ -389,24 +392,24 @@ class Substrate:
         (a transaction-scoped advisory lock, safe behind PgBouncer). Returns None when
         another owner holds the lock."""
         plan = core.release_expired_leases(self._q, limit, now, exclusive_schema=self._schema)
-        return self._run(plan)
+        return self.run(plan)
 
     # -- reads and cancel -------------------------------------------------------------
 
     def get_job(self, job_id: int) -> Job | None:
         """The job with this id, or None."""
-        return self._run(core.get_job(self._q, job_id))
+        return self.run(core.get_job(self._q, job_id))
 
     def list_jobs(
         self, *, kind: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[Job]:
         """Jobs, newest first, optionally of one kind and one state."""
-        return self._run(core.list_jobs(self._q, kind, state, limit))
+        return self.run(core.list_jobs(self._q, kind, state, limit))
 
     def cancel_job(self, job_id: int, *, now: datetime | None = None) -> bool:
         """Cancel a job that has not finished; False when it had already finished or does
         not exist. A running job's executor learns it at its next write-back."""
-        return self._run(core.cancel_job(self._q, job_id, now))
+        return self.run(core.cancel_job(self._q, job_id, now))
 
 
 class AsyncSubstrate:
@@ -462,7 +465,8 @@ class AsyncSubstrate:
     ) -> None:
         await self.close()
 
-    async def _run(self, plan: core.Plan[T], conn: AsyncConnection[Any] | None = None) -> T:
+    @_doc(Substrate.run)
+    async def run(self, plan: core.Plan[T], conn: AsyncConnection[Any] | None = None) -> T:
         with translate_errors():
             if conn is not None:
                 return await adrive(conn, plan)
@@ -471,11 +475,11 @@ class AsyncSubstrate:
 
     @_doc(Substrate.migrate)
     async def migrate(self) -> list[int]:
-        return await self._run(migrate_plan(self._q, self._schema, load_migrations()))
+        return await self.run(migrate_plan(self._q, self._schema, load_migrations()))
 
     @_doc(Substrate.migration_status)
     async def migration_status(self) -> list[MigrationStatus]:
-        return await self._run(status_plan(self._q, self._schema, load_migrations()))
+        return await self.run(status_plan(self._q, self._schema, load_migrations()))
 
     @_doc(Substrate.enqueue)
     async def enqueue(
@@ -500,13 +504,13 @@ class AsyncSubstrate:
             dedupe_key=dedupe_key,
             now=now,
         )
-        return await self._run(plan, conn)
+        return await self.run(plan, conn)
 
     @_doc(Substrate.enqueue_many)
     async def enqueue_many(
         self, jobs: Iterable[Any], *, conn: Any = None, now: datetime | None = None
     ) -> list[int]:
-        return await self._run(core.enqueue_many(self._q, jobs, now), conn)
+        return await self.run(core.enqueue_many(self._q, jobs, now), conn)
 
     @_doc(Substrate.claim_next_job)
     async def claim_next_job(
@@ -517,7 +521,7 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> ClaimedJob | None:
-        return await self._run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+        return await self.run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
 
     @_doc(Substrate.claim_jobs)
     async def claim_jobs(
@@ -529,7 +533,7 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> list[ClaimedJob]:
-        return await self._run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+        return await self.run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
 
     @_doc(Substrate.complete_job)
     async def complete_job(
@@ -540,13 +544,13 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> WriteBackResult:
-        return await self._run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+        return await self.run(core.complete_job(self._q, job_id, claim_epoch, result, now))
 
     @_doc(Substrate.complete_jobs)
     async def complete_jobs(
         self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
     ) -> list[WriteBackResult]:
-        return await self._run(core.complete_jobs(self._q, jobs, now))
+        return await self.run(core.complete_jobs(self._q, jobs, now))
 
     @_doc(Substrate.fail_job)
     async def fail_job(
@@ -559,7 +563,7 @@ class AsyncSubstrate:
         retry_in: float | None = None,
         now: datetime | None = None,
     ) -> WriteBackResult:
-        return await self._run(
+        return await self.run(
             core.fail_job(self._q, job_id, claim_epoch, error, retryable, retry_in, now)
         )
 
@@ -567,25 +571,25 @@ class AsyncSubstrate:
     async def fail_jobs(
         self, jobs: Iterable[Sequence[Any]], *, now: datetime | None = None
     ) -> list[WriteBackResult]:
-        return await self._run(core.fail_jobs(self._q, jobs, now))
+        return await self.run(core.fail_jobs(self._q, jobs, now))
 
     @_doc(Substrate.extend_lease)
     async def extend_lease(
         self, job_id: int, claim_epoch: int, lease_secs: int, *, now: datetime | None = None
     ) -> WriteBackResult:
-        return await self._run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
+        return await self.run(core.extend_lease(self._q, job_id, claim_epoch, lease_secs, now))
 
     @_doc(Substrate.extend_leases)
     async def extend_leases(
         self, jobs: Iterable[tuple[int, int]], lease_secs: int, *, now: datetime | None = None
     ) -> list[WriteBackResult]:
-        return await self._run(core.extend_leases(self._q, jobs, lease_secs, now))
+        return await self.run(core.extend_leases(self._q, jobs, lease_secs, now))
 
     @_doc(Substrate.release_expired_leases)
     async def release_expired_leases(
         self, limit: int | None = None, *, now: datetime | None = None
     ) -> RecoveryResult:
-        result = await self._run(core.release_expired_leases(self._q, limit, now))
+        result = await self.run(core.release_expired_leases(self._q, limit, now))
         assert result is not None
         return result
 
@@ -594,18 +598,18 @@ class AsyncSubstrate:
         self, limit: int | None = None, *, now: datetime | None = None
     ) -> RecoveryResult | None:
         plan = core.release_expired_leases(self._q, limit, now, exclusive_schema=self._schema)
-        return await self._run(plan)
+        return await self.run(plan)
 
     @_doc(Substrate.get_job)
     async def get_job(self, job_id: int) -> Job | None:
-        return await self._run(core.get_job(self._q, job_id))
+        return await self.run(core.get_job(self._q, job_id))
 
     @_doc(Substrate.list_jobs)
     async def list_jobs(
         self, *, kind: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[Job]:
-        return await self._run(core.list_jobs(self._q, kind, state, limit))
+        return await self.run(core.list_jobs(self._q, kind, state, limit))
 
     @_doc(Substrate.cancel_job)
     async def cancel_job(self, job_id: int, *, now: datetime | None = None) -> bool:
-        return await self._run(core.cancel_job(self._q, job_id, now))
+        return await self.run(core.cancel_job(self._q, job_id, now))

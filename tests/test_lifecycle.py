@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from substrate_db import AsyncSubstrate, JobState, Substrate, WriteBackReason
+from substrate_db._queries import load_migrations
 
 
 def _db_now(substrate: Substrate) -> datetime:
@@ -82,7 +83,7 @@ async def test_lifecycle_async(async_substrate: AsyncSubstrate) -> None:
     assert (await s.release_expired_leases()).released == 0
     assert await s.cancel_job(await s.enqueue("x")) is True
     assert len(await s.list_jobs(kind="k", state="completed")) == 2
-    assert [m.version for m in await s.migration_status()] == [1]
+    assert [m.version for m in await s.migration_status()] == [m.version for m in load_migrations()]
 
 
 def test_claim_order_priority_run_at_id(substrate: Substrate) -> None:
@@ -309,7 +310,7 @@ def test_run_at_in_other_timezone(substrate: Substrate) -> None:
 @pytest.mark.parametrize("schema", ["tenant_a", "Tenant_B"])
 def test_custom_schema(substrate_dsn: str, schema: str) -> None:
     with Substrate.connect(substrate_dsn, schema=schema) as s:
-        assert s.migrate() == [1]
+        assert s.migrate() == [m.version for m in load_migrations()]
         job_id = s.enqueue("k")
         job = s.claim_next_job("s", ["k"])
         assert job is not None and job.id == job_id
