@@ -22,20 +22,30 @@
 -- is claimed in the order it was given.
 WITH numbered AS MATERIALIZED (
     SELECT t.ord, t.kind, t.payload, t.priority, t.run_at, t.max_attempts, t.dedupe_key,
-           nextval('{schema}.jobs_id_seq') AS new_id
+           t.source_id, t.serial_key, nextval('{schema}.jobs_id_seq') AS new_id
     FROM unnest(%(kinds)s::text[], %(payloads)s::text[], %(priorities)s::smallint[],
-                %(run_ats)s::timestamptz[], %(max_attempts)s::integer[], %(dedupe_keys)s::text[])
-         WITH ORDINALITY AS t(kind, payload, priority, run_at, max_attempts, dedupe_key, ord)
+                %(run_ats)s::timestamptz[], %(max_attempts)s::integer[], %(dedupe_keys)s::text[],
+                %(source_ids)s::text[], %(serial_keys)s::text[])
+         WITH ORDINALITY AS t(kind, payload, priority, run_at, max_attempts, dedupe_key,
+                              source_id, serial_key, ord)
 ),
 input AS MATERIALIZED (
     SELECT n.*, row_number() OVER (PARTITION BY n.dedupe_key ORDER BY n.ord) AS key_rank
     FROM numbered n
 ),
+-- A serial key's row must exist before any claim can lock it.
+keys AS (
+    INSERT INTO {schema}.serial_keys (key)
+    SELECT DISTINCT i.serial_key FROM input i WHERE i.serial_key IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+),
 ins AS (
     INSERT INTO {schema}.jobs AS j
-        (id, kind, payload, priority, run_at, max_attempts, dedupe_key, created_at, updated_at)
+        (id, kind, payload, priority, run_at, max_attempts, dedupe_key, source_id, serial_key,
+         created_at, updated_at)
     SELECT i.new_id, i.kind, i.payload::jsonb, i.priority,
            coalesce(i.run_at, %(now)s::timestamptz, now()), i.max_attempts, i.dedupe_key,
+           i.source_id, i.serial_key,
            coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
     FROM input i
     WHERE i.dedupe_key IS NULL OR i.key_rank = 1
@@ -60,27 +70,68 @@ ORDER BY input.ord;
 -- update more rows than asked. SKIP LOCKED lets concurrent claimers pass each other;
 -- FOR UPDATE re-checks the WHERE clause on the newest row version, so a row claimed by
 -- another slot meanwhile is never taken twice. Rows come back in no particular order.
-WITH picked AS MATERIALIZED (
-    SELECT j.id
+--
+-- Serial keys: a job with a serial_key is a candidate only when, in this snapshot, its
+-- key runs nothing and no due available job of the key sorts before it (so a batch takes
+-- at most one job per key, and a busy key cannot fill the LIMIT and starve other work).
+-- The snapshot may be stale, so the claim then locks the key rows themselves (SKIP
+-- LOCKED, newest version, running_job_id still NULL) and drops candidates whose key it
+-- could not take. Jobs without a key pay only the `serial_key IS NULL` test.
+WITH candidates AS MATERIALIZED (
+    SELECT j.id, j.serial_key, j.priority, j.run_at
     FROM {schema}.jobs j
     WHERE j.state = 'available'
       AND j.kind = ANY(%(kinds)s::text[])
       AND j.run_at <= coalesce(%(now)s::timestamptz, now())
+      AND (j.serial_key IS NULL OR (
+          NOT EXISTS (
+              SELECT 1 FROM {schema}.serial_keys k
+              WHERE k.key = j.serial_key AND k.running_job_id IS NOT NULL)
+          AND NOT EXISTS (
+              SELECT 1 FROM {schema}.jobs e
+              WHERE e.serial_key = j.serial_key
+                AND e.state = 'available'
+                AND e.run_at <= coalesce(%(now)s::timestamptz, now())
+                AND (e.priority, e.run_at, e.id) < (j.priority, j.run_at, j.id))))
     ORDER BY j.priority, j.run_at, j.id
     LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+),
+free_keys AS MATERIALIZED (
+    SELECT k.key
+    FROM {schema}.serial_keys k
+    WHERE k.key IN (SELECT c.serial_key FROM candidates c WHERE c.serial_key IS NOT NULL)
+      AND k.running_job_id IS NULL
     FOR UPDATE SKIP LOCKED
+),
+picked AS (
+    SELECT c.id FROM candidates c WHERE c.serial_key IS NULL
+    UNION ALL
+    (SELECT DISTINCT ON (c.serial_key) c.id
+     FROM candidates c JOIN free_keys f ON f.key = c.serial_key
+     ORDER BY c.serial_key, c.priority, c.run_at, c.id)
+),
+claimed AS (
+    UPDATE {schema}.jobs j
+    SET state = 'running',
+        claim_epoch = j.claim_epoch + 1,
+        attempts = j.attempts + 1,
+        claimed_by = %(slot_id)s,
+        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
+              j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
+              j.source_id, j.serial_key
+),
+key_taken AS (
+    UPDATE {schema}.serial_keys k
+    SET running_job_id = c.id
+    FROM claimed c
+    WHERE k.key = c.serial_key
 )
-UPDATE {schema}.jobs j
-SET state = 'running',
-    claim_epoch = j.claim_epoch + 1,
-    attempts = j.attempts + 1,
-    claimed_by = %(slot_id)s,
-    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
-    updated_at = coalesce(%(now)s::timestamptz, now())
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
-          j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at;
+SELECT * FROM claimed;
 
 
 -- name: complete_jobs :many

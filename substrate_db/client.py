@@ -11,7 +11,9 @@ trip, no BEGIN/COMMIT), and plans that need more open a transaction explicitly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -19,14 +21,22 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection, Connection
+from psycopg import AsyncConnection, Connection, sql
 from psycopg.rows import dict_row
 
-from . import core
+from . import core, results
 from ._queries import load_migrations, rendered_queries
 from .errors import ConnectionFailed, DatabaseError, SchemaNotMigrated
 from .migrate import migrate_plan, status_plan
-from .models import ClaimedJob, Job, JsonValue, MigrationStatus, RecoveryResult, WriteBackResult
+from .models import (
+    ClaimedJob,
+    Job,
+    JobOutcome,
+    JsonValue,
+    MigrationStatus,
+    RecoveryResult,
+    WriteBackResult,
+)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +50,8 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except psycopg.errors.UndefinedTable as exc:
+        if "does not exist" not in (exc.diag.message_primary or ""):
+            raise DatabaseError(_one_line(exc), sqlstate=exc.sqlstate) from exc
         raise SchemaNotMigrated(
             f"{exc.diag.message_primary or exc}: the substrate schema is missing or not "
             "migrated; run `substrate-db migrate` or `Substrate.migrate()`",
@@ -92,9 +104,14 @@ def _execute(conn: Connection[Any], step: core.Stmt) -> Any:
         return cur.rowcount
 
 
+def _listen_sql(channel: str) -> sql.Composed:
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
 def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
     """Run a plan on a blocking connection."""
     open_txs: list[contextlib.AbstractContextManager[Any]] = []
+    listening = False
     try:
         step = next(plan)
         while True:
@@ -105,8 +122,17 @@ def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
                 tx = conn.transaction()
                 tx.__enter__()
                 open_txs.append(tx)
-            else:
+            elif isinstance(step, core.Commit):
                 open_txs.pop().__exit__(None, None, None)
+            elif isinstance(step, core.Listen):
+                listening = True
+                conn.execute(_listen_sql(step.channel))
+                if not conn.autocommit:
+                    conn.commit()  # LISTEN takes effect at commit
+            elif isinstance(step, core.WaitNotify):
+                value = [n.payload for n in conn.notifies(timeout=step.timeout, stop_after=1)]
+            else:
+                time.sleep(step.seconds)
             step = plan.send(value)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -116,6 +142,11 @@ def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
         raise
     finally:
         plan.close()
+        if listening:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("UNLISTEN *")
+                if not conn.autocommit:
+                    conn.commit()
 
 
 async def _aexecute(conn: AsyncConnection[Any], step: core.Stmt) -> Any:
@@ -131,6 +162,7 @@ async def _aexecute(conn: AsyncConnection[Any], step: core.Stmt) -> Any:
 async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
     """Run a plan on an asyncio connection."""
     open_txs: list[contextlib.AbstractAsyncContextManager[Any]] = []
+    listening = False
     try:
         step = next(plan)
         while True:
@@ -141,8 +173,18 @@ async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
                 tx = conn.transaction()
                 await tx.__aenter__()
                 open_txs.append(tx)
-            else:
+            elif isinstance(step, core.Commit):
                 await open_txs.pop().__aexit__(None, None, None)
+            elif isinstance(step, core.Listen):
+                listening = True
+                await conn.execute(_listen_sql(step.channel))
+                if not conn.autocommit:
+                    await conn.commit()
+            elif isinstance(step, core.WaitNotify):
+                gen = conn.notifies(timeout=step.timeout, stop_after=1)
+                value = [n.payload async for n in gen]
+            else:
+                await asyncio.sleep(step.seconds)
             step = plan.send(value)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -152,6 +194,11 @@ async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
         raise
     finally:
         plan.close()
+        if listening:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("UNLISTEN *")
+                if not conn.autocommit:
+                    await conn.commit()
 
 
 class Substrate:
@@ -163,12 +210,19 @@ class Substrate:
     """
 
     def __init__(
-        self, pool: psycopg_pool.ConnectionPool[Any], *, schema: str = DEFAULT_SCHEMA
+        self,
+        pool: psycopg_pool.ConnectionPool[Any],
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        pgbouncer: bool = False,
+        max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
     ) -> None:
         self._pool = pool
         self._schema = core.check_schema(schema)
         self._q = rendered_queries(self._schema)
         self._owns_pool = False
+        self._pgbouncer = pgbouncer
+        self._max_result_bytes = core.check_int("max_result_bytes", max_result_bytes, 1, 2**40)
 
     @classmethod
     def connect(
@@ -177,19 +231,21 @@ class Substrate:
         *,
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
+        max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
         **pool_options: Any,
     ) -> Substrate:
         """Open a pool to `conninfo` (any libpq conninfo: key=value or URI) and own it.
 
         `pool_options` go to `psycopg_pool.ConnectionPool` (min_size, max_size, timeout,
-        kwargs, ...). With `pgbouncer=True` no server-side prepared statements are used,
-        as PgBouncer's transaction mode requires.
+        kwargs, ...). With `pgbouncer=True` no server-side prepared statements are used
+        and nothing LISTENs, as PgBouncer's transaction mode requires. A job result over
+        `max_result_bytes` of JSON is refused and the job failed (`ResultTooLarge`).
         """
         core.check_schema(schema)
         kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
         _pool_sizes(pool_options)
         pool = psycopg_pool.ConnectionPool(conninfo, kwargs=kwargs, open=True, **pool_options)
-        client = cls(pool, schema=schema)
+        client = cls(pool, schema=schema, pgbouncer=pgbouncer, max_result_bytes=max_result_bytes)
         client._owns_pool = True
         return client
 
@@ -248,6 +304,8 @@ class Substrate:
         run_at: datetime | None = None,
         max_attempts: int = core.DEFAULT_MAX_ATTEMPTS,
         dedupe_key: str | None = None,
+        source_id: str | None = None,
+        serial_key: str | None = None,
         conn: Any = None,
         now: datetime | None = None,
     ) -> int:
@@ -256,7 +314,9 @@ class Substrate:
         `payload` is any JSON value (None stores `{}`). A lower `priority` (a smallint)
         is claimed first. `run_at` (timezone-aware) delays the job; by default it is
         claimable at once. With `dedupe_key`, while a job holding that key is available
-        or running, that job's id is returned and nothing is inserted. With `conn`, the
+        or running, that job's id is returned and nothing is inserted. `source_id` names
+        who enqueued it (its outcome is delivered to that source: `fetch_results`).
+        Jobs sharing a `serial_key` run one at a time, in claim order. With `conn`, the
         insert runs on your connection, inside your transaction: it commits or rolls
         back with it. `now` overrides Postgres' clock (for tests).
         """
@@ -268,6 +328,8 @@ class Substrate:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            source_id=source_id,
+            serial_key=serial_key,
             now=now,
         )
         return self.run(plan, conn)
@@ -278,7 +340,8 @@ class Substrate:
         """Add many jobs in one round trip; return their ids in input order.
 
         Each item is a mapping (or a model with `model_dump()`) with `kind` and the
-        optional keys `payload`, `priority`, `run_at`, `max_attempts`, `dedupe_key`.
+        optional keys `payload`, `priority`, `run_at`, `max_attempts`, `dedupe_key`,
+        `source_id`, `serial_key`.
         The batch is one statement: all of it is inserted or none.
         """
         return self.run(core.enqueue_many(self._q, jobs, now), conn)
@@ -324,14 +387,16 @@ class Substrate:
     ) -> WriteBackResult:
         """Mark a job completed, storing `result`, if it is still running under
         `claim_epoch`. A refused write is a result with `ok=False` and a reason."""
-        return self.run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+        return self.run(
+            core.complete_job(self._q, job_id, claim_epoch, result, now, self._max_result_bytes)
+        )
 
     def complete_jobs(
         self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
     ) -> list[WriteBackResult]:
         """Complete many `(job_id, claim_epoch, result)` in one statement, fenced per job;
         one result per item, in input order."""
-        return self.run(core.complete_jobs(self._q, jobs, now))
+        return self.run(core.complete_jobs(self._q, jobs, now, self._max_result_bytes))
 
     def fail_job(
         self,
@@ -411,17 +476,53 @@ class Substrate:
         not exist. A running job's executor learns it at its next write-back."""
         return self.run(core.cancel_job(self._q, job_id, now))
 
+    # -- results back to the enqueuer ---------------------------------------------------
+
+    def fetch_results(
+        self, source_id: str, *, limit: int = 100, now: datetime | None = None
+    ) -> list[JobOutcome]:
+        """Deliver up to `limit` outcomes of finished jobs enqueued by `source_id` that
+        were not delivered yet, oldest first. Each outcome is delivered once, even with
+        several consumers at once."""
+        return self.run(results.fetch_results(self._q, source_id, limit, now))
+
+    def get_result(self, job_id: int, *, source_id: str) -> JobOutcome | None:
+        """The outcome of a finished job of `source_id`, without delivering it. None when
+        the job is not finished, does not exist, or belongs to another source (the last
+        case is logged as `[substrate] result-source-mismatch`)."""
+        return self.run(results.get_result(self._q, job_id, source_id))
+
+    def wait_for_result(
+        self, job_id: int, *, source_id: str, timeout: float, poll_secs: float = 1.0
+    ) -> JobOutcome | None:
+        """Wait until a job of `source_id` finishes and return its outcome: woken by
+        LISTEN/NOTIFY, re-reading at least every `poll_secs` (only polling with
+        `pgbouncer=True`). None at once for a job that does not exist or is another
+        source's; `TimeoutError` when it did not finish within `timeout` seconds."""
+        channel = None if self._pgbouncer else f"{self._schema}_results"
+        plan = results.wait_for_result(
+            self._q, job_id, source_id, timeout, channel=channel, poll_secs=poll_secs
+        )
+        return self.run(plan)
+
 
 class AsyncSubstrate:
     """The job substrate for asyncio: the same methods as `Substrate`, awaited."""
 
     def __init__(
-        self, pool: psycopg_pool.AsyncConnectionPool[Any], *, schema: str = DEFAULT_SCHEMA
+        self,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        pgbouncer: bool = False,
+        max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
     ) -> None:
         self._pool = pool
         self._schema = core.check_schema(schema)
         self._q = rendered_queries(self._schema)
         self._owns_pool = False
+        self._pgbouncer = pgbouncer
+        self._max_result_bytes = core.check_int("max_result_bytes", max_result_bytes, 1, 2**40)
 
     @classmethod
     async def connect(
@@ -430,6 +531,7 @@ class AsyncSubstrate:
         *,
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
+        max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
         **pool_options: Any,
     ) -> AsyncSubstrate:
         """Open an asyncio pool to `conninfo` and own it; see `Substrate.connect`."""
@@ -438,7 +540,7 @@ class AsyncSubstrate:
         _pool_sizes(pool_options)
         pool = psycopg_pool.AsyncConnectionPool(conninfo, kwargs=kwargs, open=False, **pool_options)
         await pool.open()
-        client = cls(pool, schema=schema)
+        client = cls(pool, schema=schema, pgbouncer=pgbouncer, max_result_bytes=max_result_bytes)
         client._owns_pool = True
         return client
 
@@ -491,6 +593,8 @@ class AsyncSubstrate:
         run_at: datetime | None = None,
         max_attempts: int = core.DEFAULT_MAX_ATTEMPTS,
         dedupe_key: str | None = None,
+        source_id: str | None = None,
+        serial_key: str | None = None,
         conn: Any = None,
         now: datetime | None = None,
     ) -> int:
@@ -502,6 +606,8 @@ class AsyncSubstrate:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            source_id=source_id,
+            serial_key=serial_key,
             now=now,
         )
         return await self.run(plan, conn)
@@ -544,13 +650,15 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> WriteBackResult:
-        return await self.run(core.complete_job(self._q, job_id, claim_epoch, result, now))
+        return await self.run(
+            core.complete_job(self._q, job_id, claim_epoch, result, now, self._max_result_bytes)
+        )
 
     @_doc(Substrate.complete_jobs)
     async def complete_jobs(
         self, jobs: Iterable[tuple[int, int, JsonValue]], *, now: datetime | None = None
     ) -> list[WriteBackResult]:
-        return await self.run(core.complete_jobs(self._q, jobs, now))
+        return await self.run(core.complete_jobs(self._q, jobs, now, self._max_result_bytes))
 
     @_doc(Substrate.fail_job)
     async def fail_job(
@@ -613,3 +721,28 @@ class AsyncSubstrate:
     @_doc(Substrate.cancel_job)
     async def cancel_job(self, job_id: int, *, now: datetime | None = None) -> bool:
         return await self.run(core.cancel_job(self._q, job_id, now))
+
+    @_doc(Substrate.fetch_results)
+    async def fetch_results(
+        self, source_id: str, *, limit: int = 100, now: datetime | None = None
+    ) -> list[JobOutcome]:
+        return await self.run(results.fetch_results(self._q, source_id, limit, now))
+
+    @_doc(Substrate.get_result)
+    async def get_result(self, job_id: int, *, source_id: str) -> JobOutcome | None:
+        return await self.run(results.get_result(self._q, job_id, source_id))
+
+    @_doc(Substrate.wait_for_result)
+    async def wait_for_result(
+        self,
+        job_id: int,
+        *,
+        source_id: str,
+        timeout: float,  # noqa: ASYNC109 - the sync twin's signature; the wait is in the plan
+        poll_secs: float = 1.0,
+    ) -> JobOutcome | None:
+        channel = None if self._pgbouncer else f"{self._schema}_results"
+        plan = results.wait_for_result(
+            self._q, job_id, source_id, timeout, channel=channel, poll_secs=poll_secs
+        )
+        return await self.run(plan)

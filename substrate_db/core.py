@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Final, TypeVar
 
 from ._queries import Rendered
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ResultTooLarge
 from .models import (
     ClaimedJob,
     Job,
@@ -69,10 +69,32 @@ class Commit:
     """Commit the innermost transaction opened by `Begin`."""
 
 
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """LISTEN on a channel for the rest of the plan (the driver UNLISTENs at the end)."""
+
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaitNotify:
+    """Wait up to `timeout` seconds for a notification on a channel the plan listens to.
+    The plan receives the payloads that arrived (possibly none)."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait `seconds` without touching the database (the polling fallback)."""
+
+    seconds: float
+
+
 BEGIN: Final = Begin()
 COMMIT: Final = Commit()
 
-Step = Stmt | Begin | Commit
+Step = Stmt | Begin | Commit | Listen | WaitNotify | Sleep
 Plan = Generator[Step, Any, T]
 
 
@@ -177,7 +199,16 @@ def check_epoch(field: str, value: object) -> int:
 # -- enqueue --------------------------------------------------------------------------
 
 _SPEC_KEYS: Final = frozenset(
-    {"kind", "payload", "priority", "run_at", "max_attempts", "dedupe_key"}
+    {
+        "kind",
+        "payload",
+        "priority",
+        "run_at",
+        "max_attempts",
+        "dedupe_key",
+        "source_id",
+        "serial_key",
+    }
 )
 
 
@@ -189,6 +220,8 @@ class _Row:
     run_at: datetime | None
     max_attempts: int
     dedupe_key: str | None
+    source_id: str | None
+    serial_key: str | None
 
 
 def _job_row(
@@ -199,6 +232,8 @@ def _job_row(
     run_at: object,
     max_attempts: object,
     dedupe_key: object,
+    source_id: object,
+    serial_key: object,
 ) -> _Row:
     return _Row(
         kind=check_name(f"{prefix}kind", kind),
@@ -207,6 +242,8 @@ def _job_row(
         run_at=check_aware(f"{prefix}run_at", run_at),
         max_attempts=check_int(f"{prefix}max_attempts", max_attempts, 1, INT_MAX),
         dedupe_key=check_optional_name(f"{prefix}dedupe_key", dedupe_key),
+        source_id=check_optional_name(f"{prefix}source_id", source_id),
+        serial_key=check_optional_name(f"{prefix}serial_key", serial_key),
     )
 
 
@@ -222,6 +259,8 @@ def _enqueue_plan(
         "run_ats": [r.run_at for r in rows],
         "max_attempts": [r.max_attempts for r in rows],
         "dedupe_keys": [r.dedupe_key for r in rows],
+        "source_ids": [r.source_id for r in rows],
+        "serial_keys": [r.serial_key for r in rows],
         "now": now,
     }
     result = yield Stmt(q["enqueue_jobs"], params)
@@ -237,9 +276,13 @@ def enqueue(
     run_at: object,
     max_attempts: object,
     dedupe_key: object,
+    source_id: object = None,
+    serial_key: object = None,
     now: datetime | None,
 ) -> Plan[int]:
-    row = _job_row("", kind, payload, priority, run_at, max_attempts, dedupe_key)
+    row = _job_row(
+        "", kind, payload, priority, run_at, max_attempts, dedupe_key, source_id, serial_key
+    )
     return _first(_enqueue_plan(q, [row], check_aware("now", now)))
 
 
@@ -278,6 +321,8 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
                 spec.get("run_at"),
                 spec.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
                 spec.get("dedupe_key"),
+                spec.get("source_id"),
+                spec.get("serial_key"),
             )
         )
     return _enqueue_plan(q, rows, check_aware("now", now))
@@ -356,6 +401,14 @@ def writeback_result(row: Mapping[str, Any]) -> WriteBackResult:
     )
 
 
+def _check_distinct(items: Sequence[tuple[int, int, Any]], field: str) -> None:
+    seen: set[int] = set()
+    for job_id, _, _ in items:
+        if job_id in seen:
+            raise InvalidArgument(field, job_id, "each job id at most once per call")
+        seen.add(job_id)
+
+
 def _writeback_plan(
     query: Rendered,
     field: str,
@@ -365,11 +418,7 @@ def _writeback_plan(
 ) -> Plan[list[WriteBackResult]]:
     """Run a batch write-back with its inputs sorted by job id, so that concurrent batches
     take row locks in one order, then hand results back in the caller's order."""
-    seen: set[int] = set()
-    for job_id, _, _ in items:
-        if job_id in seen:
-            raise InvalidArgument(field, job_id, "each job id at most once per call")
-        seen.add(job_id)
+    _check_distinct(items, field)
     order = sorted(range(len(items)), key=lambda i: items[i][0])
     params["ids"] = [items[i][0] for i in order]
     params["epochs"] = [items[i][1] for i in order]
@@ -390,20 +439,25 @@ def _writeback_rows(
     return [r for r in results if r is not None]
 
 
+DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
+"""Results larger than this (as JSON, UTF-8) are refused and the job fails instead."""
+
+
 def complete_jobs(
-    q: Mapping[str, Rendered], jobs: Iterable[tuple[int, int, Any]], now: datetime | None
+    q: Mapping[str, Rendered],
+    jobs: Iterable[Sequence[Any]],
+    now: datetime | None,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> Plan[list[WriteBackResult]]:
-    items: list[tuple[int, int, tuple[Any, ...]]] = []
-    for i, item in enumerate(_triples("jobs", jobs, 3)):
-        job_id = check_job_id(f"jobs[{i}].job_id", item[0])
-        epoch = check_epoch(f"jobs[{i}].claim_epoch", item[1])
-        result = item[2]
-        items.append(
-            (job_id, epoch, (None if result is None else to_json(f"jobs[{i}].result", result),))
+    items = [
+        (
+            check_job_id(f"jobs[{i}].job_id", item[0]),
+            check_epoch(f"jobs[{i}].claim_epoch", item[1]),
+            item[2],
         )
-    return _writeback_plan(
-        q["complete_jobs"], "jobs", items, ["results"], {"now": check_aware("now", now)}
-    )
+        for i, item in enumerate(_triples("jobs", jobs, 3))
+    ]
+    return _complete_plan(q, items, "jobs[{}].result", check_aware("now", now), max_result_bytes)
 
 
 def complete_job(
@@ -412,18 +466,71 @@ def complete_job(
     claim_epoch: object,
     result: object,
     now: datetime | None,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> Plan[WriteBackResult]:
-    job_id = check_job_id("job_id", job_id)
-    claim_epoch = check_epoch("claim_epoch", claim_epoch)
-    payload = None if result is None else to_json("result", result)
-    plan = _writeback_plan(
-        q["complete_jobs"],
-        "job_id",
-        [(job_id, claim_epoch, (payload,))],
-        ["results"],
-        {"now": check_aware("now", now)},
+    item = (check_job_id("job_id", job_id), check_epoch("claim_epoch", claim_epoch), result)
+    return _only(_complete_plan(q, [item], "result", check_aware("now", now), max_result_bytes))
+
+
+_Item = tuple[int, int, tuple[Any, ...]]
+
+
+def _complete_plan(
+    q: Mapping[str, Rendered],
+    items: list[tuple[int, int, Any]],
+    result_field: str,
+    now: datetime | None,
+    max_result_bytes: int,
+) -> Plan[list[WriteBackResult]]:
+    """Complete jobs whose result fits; fail (not retryable) those whose result is over
+    `max_result_bytes`, so an oversized result ends as a visible failure rather than a
+    lost job, then raise `ResultTooLarge` carrying every result. Results are serialised
+    here, before the plan starts, so a bad one raises before any I/O."""
+    fit: list[tuple[int, _Item]] = []
+    big: list[tuple[int, _Item]] = []
+    first_big: tuple[str, int] | None = None
+    for pos, (job_id, epoch, result) in enumerate(items):
+        field = result_field.format(pos)
+        text = None if result is None else to_json(field, result)
+        # A character is at most 4 bytes: only long texts need encoding to be measured.
+        size = 0 if text is None else len(text)
+        if size * 4 > max_result_bytes:
+            size = len(text.encode()) if text is not None else 0
+        if size > max_result_bytes:
+            error = (
+                f"result too large: {size} bytes of JSON exceeds max_result_bytes="
+                f"{max_result_bytes}"
+            )
+            big.append((pos, (job_id, epoch, (error, False, None))))
+            first_big = first_big or (field, size)
+        else:
+            fit.append((pos, (job_id, epoch, (text,))))
+    _check_distinct([item for _, item in fit + big], "jobs" if len(items) > 1 else "job_id")
+    return _complete_rows(q, fit, big, first_big, now, max_result_bytes)
+
+
+def _complete_rows(
+    q: Mapping[str, Rendered],
+    fit: list[tuple[int, _Item]],
+    big: list[tuple[int, _Item]],
+    first_big: tuple[str, int] | None,
+    now: datetime | None,
+    max_result_bytes: int,
+) -> Plan[list[WriteBackResult]]:
+    params = {"now": now}
+    done = yield from _writeback_plan(
+        q["complete_jobs"], "jobs", [item for _, item in fit], ["results"], dict(params)
     )
-    return _only(plan)
+    if not big:
+        return done
+    failed = yield from _writeback_plan(
+        q["fail_jobs"], "jobs", [item for _, item in big], _FAIL_ARRAYS, dict(params)
+    )
+    merged: list[WriteBackResult | None] = [None] * (len(fit) + len(big))
+    for (pos, _), result in zip(fit + big, done + failed, strict=True):
+        merged[pos] = result
+    assert first_big is not None
+    raise ResultTooLarge(first_big[0], first_big[1], max_result_bytes, merged)
 
 
 def _only(plan: Plan[list[WriteBackResult]]) -> Plan[WriteBackResult]:

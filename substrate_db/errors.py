@@ -23,6 +23,21 @@ class InvalidArgument(SubstrateError, ValueError):
         super().__init__(f"expected {field} to be {expected}, got: {_show(value)}")
 
 
+class ResultTooLarge(InvalidArgument):
+    """A result was over `max_result_bytes`; the job was failed with that reason.
+
+    `results` holds the write-back results of the whole call, in input order (for the
+    oversized jobs, the result of failing them).
+    """
+
+    def __init__(self, field: str, size: int, limit: int, results: list[Any]) -> None:
+        super().__init__(field, f"<{size} bytes of JSON>", f"at most {limit} bytes of JSON")
+        self.args = (f"{self.args[0]}; the job was failed with this reason",)
+        self.size = size
+        self.limit = limit
+        self.results = results
+
+
 class DatabaseError(SubstrateError):
     """The database raised an error; the driver's exception is the `__cause__`."""
 

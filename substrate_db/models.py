@@ -68,6 +68,9 @@ class Job(_Frozen):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    source_id: str | None = None
+    serial_key: str | None = None
+    delivered_at: datetime | None = None
 
 
 class ClaimedJob(_Frozen):
@@ -85,6 +88,8 @@ class ClaimedJob(_Frozen):
     lease_expires_at: datetime
     dedupe_key: str | None
     created_at: datetime
+    source_id: str | None = None
+    serial_key: str | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -124,6 +129,20 @@ class RecoveryResult(_Frozen):
     def released(self) -> int:
         """requeued + failed."""
         return self.requeued + self.failed
+
+
+class JobOutcome(_Frozen):
+    """What became of a finished job, as its enqueuer (`source_id`) sees it."""
+
+    job_id: int
+    kind: str
+    state: JobState
+    result: JsonValue
+    last_error: str | None
+    attempts: int
+    finished_at: datetime
+    source_id: str
+    delivered_at: datetime | None = None
 
 
 class MigrationStatus(_Frozen):
