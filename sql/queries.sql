@@ -71,6 +71,12 @@ ORDER BY input.ord;
 -- FOR UPDATE re-checks the WHERE clause on the newest row version, so a row claimed by
 -- another slot meanwhile is never taken twice. Rows come back in no particular order.
 --
+-- Kinds are scanned one by one (a LATERAL per kind), so each scan walks the partial
+-- index (kind, priority, run_at, id) in claim order and stops after LIMIT rows; a single
+-- `kind = ANY(...)` scan cannot be ordered by that index and sorts the whole backlog.
+-- With several kinds, up to LIMIT rows per kind are locked for the statement's duration
+-- and the best LIMIT of them claimed; the rest are released at commit.
+--
 -- Serial keys: a job with a serial_key is a candidate only when, in this snapshot, its
 -- key runs nothing and no due available job of the key sorts before it (so a batch takes
 -- at most one job per key, and a busy key cannot fill the LIMIT and starve other work).
@@ -78,24 +84,30 @@ ORDER BY input.ord;
 -- LOCKED, newest version, running_job_id still NULL) and drops candidates whose key it
 -- could not take. Jobs without a key pay only the `serial_key IS NULL` test.
 WITH candidates AS MATERIALIZED (
-    SELECT j.id, j.serial_key, j.priority, j.run_at
-    FROM {schema}.jobs j
-    WHERE j.state = 'available'
-      AND j.kind = ANY(%(kinds)s::text[])
-      AND j.run_at <= coalesce(%(now)s::timestamptz, now())
-      AND (j.serial_key IS NULL OR (
-          NOT EXISTS (
-              SELECT 1 FROM {schema}.serial_keys k
-              WHERE k.key = j.serial_key AND k.running_job_id IS NOT NULL)
-          AND NOT EXISTS (
-              SELECT 1 FROM {schema}.jobs e
-              WHERE e.serial_key = j.serial_key
-                AND e.state = 'available'
-                AND e.run_at <= coalesce(%(now)s::timestamptz, now())
-                AND (e.priority, e.run_at, e.id) < (j.priority, j.run_at, j.id))))
-    ORDER BY j.priority, j.run_at, j.id
+    SELECT c.id, c.serial_key, c.priority, c.run_at
+    FROM unnest(%(kinds)s::text[]) AS k (kind)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.serial_key, j.priority, j.run_at
+        FROM {schema}.jobs j
+        WHERE j.state = 'available'
+          AND j.kind = k.kind
+          AND j.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (j.serial_key IS NULL OR (
+              NOT EXISTS (
+                  SELECT 1 FROM {schema}.serial_keys sk
+                  WHERE sk.key = j.serial_key AND sk.running_job_id IS NOT NULL)
+              AND NOT EXISTS (
+                  SELECT 1 FROM {schema}.jobs e
+                  WHERE e.serial_key = j.serial_key
+                    AND e.state = 'available'
+                    AND e.run_at <= coalesce(%(now)s::timestamptz, now())
+                    AND (e.priority, e.run_at, e.id) < (j.priority, j.run_at, j.id))))
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT %(limit)s
+        FOR UPDATE OF j SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
-    FOR UPDATE OF j SKIP LOCKED
 ),
 free_keys AS MATERIALIZED (
     SELECT k.key
