@@ -19,6 +19,7 @@ from .errors import (
     SchemaNotMigrated,
     SubstrateError,
 )
+from .liveness import AsyncSlotHeartbeat, SlotHeartbeat
 from .models import (
     ClaimedJob,
     Job,
@@ -29,6 +30,7 @@ from .models import (
     WriteBackReason,
     WriteBackResult,
 )
+from .slots import SlotInfo, SlotState, SlotStatus
 
 # The library logs through the `substrate_db` logger and leaves levels and handlers to
 # the application.
@@ -37,6 +39,7 @@ logging.getLogger("substrate_db").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSlotHeartbeat",
     "AsyncSubstrate",
     "ClaimedJob",
     "ConnectionFailed",
@@ -51,6 +54,10 @@ __all__ = [
     "RecoveryResult",
     "ResultTooLarge",
     "SchemaNotMigrated",
+    "SlotHeartbeat",
+    "SlotInfo",
+    "SlotState",
+    "SlotStatus",
     "Substrate",
     "SubstrateError",
     "WriteBackReason",

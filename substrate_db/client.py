@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -24,8 +24,8 @@ import psycopg_pool
 from psycopg import AsyncConnection, Connection, sql
 from psycopg.rows import dict_row
 
-from . import core, results
-from ._queries import load_migrations, rendered_queries
+from . import core, results, slots
+from ._queries import Rendered, load_migrations, rendered_queries
 from .errors import ConnectionFailed, DatabaseError, SchemaNotMigrated
 from .migrate import migrate_plan, status_plan
 from .models import (
@@ -37,6 +37,7 @@ from .models import (
     RecoveryResult,
     WriteBackResult,
 )
+from .slots import SlotInfo
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,14 +95,30 @@ def _doc(source: Callable[..., Any]) -> Callable[[F], F]:
     return apply
 
 
+def _fetch(cur: psycopg.Cursor[Any], step: core.Stmt) -> Any:
+    if step.query.returns == "one":
+        return cur.fetchone()
+    if step.query.returns == "many":
+        return cur.fetchall()
+    return cur.rowcount
+
+
 def _execute(conn: Connection[Any], step: core.Stmt) -> Any:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(step.query.sql, step.params)
-        if step.query.returns == "one":
-            return cur.fetchone()
-        if step.query.returns == "many":
-            return cur.fetchall()
-        return cur.rowcount
+        return _fetch(cur, step)
+
+
+def _execute_batch(conn: Connection[Any], batch: core.Batch) -> list[Any]:
+    cursors = [conn.cursor(row_factory=dict_row) for _ in batch.stmts]
+    try:
+        with conn.pipeline():
+            for cur, step in zip(cursors, batch.stmts, strict=True):
+                cur.execute(step.query.sql, step.params)
+        return [_fetch(cur, step) for cur, step in zip(cursors, batch.stmts, strict=True)]
+    finally:
+        for cur in cursors:
+            cur.close()
 
 
 def _listen_sql(channel: str) -> sql.Composed:
@@ -118,6 +135,8 @@ def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
             value: Any = None
             if isinstance(step, core.Stmt):
                 value = _execute(conn, step)
+            elif isinstance(step, core.Batch):
+                value = _execute_batch(conn, step)
             elif isinstance(step, core.Begin):
                 tx = conn.transaction()
                 tx.__enter__()
@@ -149,14 +168,30 @@ def drive(conn: Connection[Any], plan: core.Plan[T]) -> T:
                     conn.commit()
 
 
+async def _afetch(cur: psycopg.AsyncCursor[Any], step: core.Stmt) -> Any:
+    if step.query.returns == "one":
+        return await cur.fetchone()
+    if step.query.returns == "many":
+        return await cur.fetchall()
+    return cur.rowcount
+
+
 async def _aexecute(conn: AsyncConnection[Any], step: core.Stmt) -> Any:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(step.query.sql, step.params)
-        if step.query.returns == "one":
-            return await cur.fetchone()
-        if step.query.returns == "many":
-            return await cur.fetchall()
-        return cur.rowcount
+        return await _afetch(cur, step)
+
+
+async def _aexecute_batch(conn: AsyncConnection[Any], batch: core.Batch) -> list[Any]:
+    cursors = [conn.cursor(row_factory=dict_row) for _ in batch.stmts]
+    try:
+        async with conn.pipeline():
+            for cur, step in zip(cursors, batch.stmts, strict=True):
+                await cur.execute(step.query.sql, step.params)
+        return [await _afetch(cur, step) for cur, step in zip(cursors, batch.stmts, strict=True)]
+    finally:
+        for cur in cursors:
+            await cur.close()
 
 
 async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
@@ -169,6 +204,8 @@ async def adrive(conn: AsyncConnection[Any], plan: core.Plan[T]) -> T:
             value: Any = None
             if isinstance(step, core.Stmt):
                 value = await _aexecute(conn, step)
+            elif isinstance(step, core.Batch):
+                value = await _aexecute_batch(conn, step)
             elif isinstance(step, core.Begin):
                 tx = conn.transaction()
                 await tx.__aenter__()
@@ -258,6 +295,11 @@ class Substrate:
     def schema(self) -> str:
         """The Postgres schema holding the substrate's tables."""
         return self._schema
+
+    @property
+    def queries(self) -> Mapping[str, Rendered]:
+        """The named queries rendered for this schema, for plans run with `run`."""
+        return self._q
 
     def close(self) -> None:
         """Close the pool if this client opened it."""
@@ -505,6 +547,18 @@ class Substrate:
         )
         return self.run(plan)
 
+    # -- slots --------------------------------------------------------------------------
+
+    def list_slots(self, *, now: datetime | None = None) -> list[SlotInfo]:
+        """Every slot with its liveness; a slot not seen for 3 of its intervals is `stale`."""
+        return self.run(slots.list_slots(self._q, now))
+
+    def prune_slots(
+        self, older_than_secs: int = slots.PRUNE_AFTER_SECS, *, now: datetime | None = None
+    ) -> int:
+        """Delete slots not seen for `older_than_secs` (a day by default); return how many."""
+        return self.run(slots.prune_slots(self._q, older_than_secs, now))
+
 
 class AsyncSubstrate:
     """The job substrate for asyncio: the same methods as `Substrate`, awaited."""
@@ -553,6 +607,11 @@ class AsyncSubstrate:
     def schema(self) -> str:
         """The Postgres schema holding the substrate's tables."""
         return self._schema
+
+    @property
+    def queries(self) -> Mapping[str, Rendered]:
+        """The named queries rendered for this schema, for plans run with `run`."""
+        return self._q
 
     async def close(self) -> None:
         """Close the pool if this client opened it."""
@@ -746,3 +805,13 @@ class AsyncSubstrate:
             self._q, job_id, source_id, timeout, channel=channel, poll_secs=poll_secs
         )
         return await self.run(plan)
+
+    @_doc(Substrate.list_slots)
+    async def list_slots(self, *, now: datetime | None = None) -> list[SlotInfo]:
+        return await self.run(slots.list_slots(self._q, now))
+
+    @_doc(Substrate.prune_slots)
+    async def prune_slots(
+        self, older_than_secs: int = slots.PRUNE_AFTER_SECS, *, now: datetime | None = None
+    ) -> int:
+        return await self.run(slots.prune_slots(self._q, older_than_secs, now))

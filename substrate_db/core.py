@@ -91,14 +91,22 @@ class Sleep:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Run several statements in one round trip (pipeline mode); each is its own
+    statement, and the plan receives their results as a list, in order."""
+
+    stmts: tuple[Stmt, ...]
+
+
 BEGIN: Final = Begin()
 COMMIT: Final = Commit()
 
-Step = Stmt | Begin | Commit | Listen | WaitNotify | Sleep
+Step = Stmt | Batch | Begin | Commit | Listen | WaitNotify | Sleep
 Plan = Generator[Step, Any, T]
 
 
-def _run_one(stmt: Stmt, convert: Callable[[Any], T]) -> Plan[T]:
+def run_one(stmt: Stmt, convert: Callable[[Any], T]) -> Plan[T]:
     """The plan of a single statement whose result is converted."""
     received = yield stmt
     return convert(received)
@@ -353,7 +361,7 @@ def claim_jobs(
         "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
         "now": check_aware("now", now),
     }
-    return _run_one(Stmt(q["claim_jobs"], params), _claimed)
+    return run_one(Stmt(q["claim_jobs"], params), _claimed)
 
 
 def claim_next_job(
@@ -409,6 +417,40 @@ def _check_distinct(items: Sequence[tuple[int, int, Any]], field: str) -> None:
         seen.add(job_id)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedWriteBack:
+    """A batch write-back ready to run: its statement (None for an empty batch) and how
+    to map the statement's rows back to the caller's order. Plans that send the write-back
+    alongside other statements (the slot heartbeat) use it directly."""
+
+    stmt: Stmt | None
+    order: list[int]
+
+    def results(self, rows: Iterable[Mapping[str, Any]]) -> list[WriteBackResult]:
+        results: list[WriteBackResult | None] = [None] * len(self.order)
+        for row in rows:
+            results[self.order[int(row["ord"]) - 1]] = writeback_result(row)
+        return [r for r in results if r is not None]
+
+
+def prepare_writeback(
+    query: Rendered,
+    field: str,
+    items: list[tuple[int, int, tuple[Any, ...]]],
+    extra_arrays: Sequence[str],
+    params: dict[str, Any],
+) -> PreparedWriteBack:
+    """Sort a batch by job id, so that concurrent batches take row locks in one order
+    and cannot deadlock; results are handed back in the caller's order."""
+    _check_distinct(items, field)
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    params["ids"] = [items[i][0] for i in order]
+    params["epochs"] = [items[i][1] for i in order]
+    for k, name in enumerate(extra_arrays):
+        params[name] = [items[i][2][k] for i in order]
+    return PreparedWriteBack(Stmt(query, params) if order else None, order)
+
+
 def _writeback_plan(
     query: Rendered,
     field: str,
@@ -416,27 +458,14 @@ def _writeback_plan(
     extra_arrays: Sequence[str],
     params: dict[str, Any],
 ) -> Plan[list[WriteBackResult]]:
-    """Run a batch write-back with its inputs sorted by job id, so that concurrent batches
-    take row locks in one order, then hand results back in the caller's order."""
-    _check_distinct(items, field)
-    order = sorted(range(len(items)), key=lambda i: items[i][0])
-    params["ids"] = [items[i][0] for i in order]
-    params["epochs"] = [items[i][1] for i in order]
-    for k, name in enumerate(extra_arrays):
-        params[name] = [items[i][2][k] for i in order]
-    return _writeback_rows(query, params, order)
+    return _run_writeback(prepare_writeback(query, field, items, extra_arrays, params))
 
 
-def _writeback_rows(
-    query: Rendered, params: dict[str, Any], order: list[int]
-) -> Plan[list[WriteBackResult]]:
-    if not order:
+def _run_writeback(prepared: PreparedWriteBack) -> Plan[list[WriteBackResult]]:
+    if prepared.stmt is None:
         return []
-    rows = yield Stmt(query, params)
-    results: list[WriteBackResult | None] = [None] * len(order)
-    for row in rows:
-        results[order[int(row["ord"]) - 1]] = writeback_result(row)
-    return [r for r in results if r is not None]
+    rows = yield prepared.stmt
+    return prepared.results(rows)
 
 
 DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
@@ -600,12 +629,12 @@ def fail_jobs(
     )
 
 
-def extend_leases(
+def prepare_extend_leases(
     q: Mapping[str, Rendered],
     jobs: Iterable[Sequence[Any]],
     lease_secs: object,
     now: datetime | None,
-) -> Plan[list[WriteBackResult]]:
+) -> PreparedWriteBack:
     """Items are (job_id, claim_epoch)."""
     items: list[tuple[int, int, tuple[Any, ...]]] = [
         (check_job_id(f"jobs[{i}].job_id", it[0]), check_epoch(f"jobs[{i}].claim_epoch", it[1]), ())
@@ -615,7 +644,16 @@ def extend_leases(
         "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
         "now": check_aware("now", now),
     }
-    return _writeback_plan(q["extend_leases"], "jobs", items, (), params)
+    return prepare_writeback(q["extend_leases"], "jobs", items, (), params)
+
+
+def extend_leases(
+    q: Mapping[str, Rendered],
+    jobs: Iterable[Sequence[Any]],
+    lease_secs: object,
+    now: datetime | None,
+) -> Plan[list[WriteBackResult]]:
+    return _run_writeback(prepare_extend_leases(q, jobs, lease_secs, now))
 
 
 def extend_lease(
@@ -714,7 +752,7 @@ def _job_or_none(row: Mapping[str, Any] | None) -> Job | None:
 
 
 def get_job(q: Mapping[str, Rendered], job_id: object) -> Plan[Job | None]:
-    return _run_one(Stmt(q["get_job"], {"id": check_job_id("job_id", job_id)}), _job_or_none)
+    return run_one(Stmt(q["get_job"], {"id": check_job_id("job_id", job_id)}), _job_or_none)
 
 
 def _jobs(rows: list[dict[str, Any]]) -> list[Job]:
@@ -734,9 +772,9 @@ def list_jobs(
         "state": None if state is None else str(state),
         "limit": check_int("limit", limit, 1, INT_MAX),
     }
-    return _run_one(Stmt(q["list_jobs"], params), _jobs)
+    return run_one(Stmt(q["list_jobs"], params), _jobs)
 
 
 def cancel_job(q: Mapping[str, Rendered], job_id: object, now: datetime | None) -> Plan[bool]:
     params = {"id": check_job_id("job_id", job_id), "now": check_aware("now", now)}
-    return _run_one(Stmt(q["cancel_job"], params), lambda row: row is not None)
+    return run_one(Stmt(q["cancel_job"], params), lambda row: row is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -72,7 +73,7 @@ def test_eight_claimers_never_run_two_jobs_of_a_key_at_once(substrate_dsn: str, 
     for key, runs in log.items():
         runs.sort()
         assert len(runs) == per_key, key
-        for (_, end, _), (begin, _, _) in zip(runs, runs[1:], strict=False):
+        for (_, end, _), (begin, _, _) in itertools.pairwise(runs):
             assert end <= begin, f"two jobs of {key} overlapped"
         ids = [job_id for _, _, job_id in runs]
         assert ids == sorted(ids), f"{key} ran out of order"
