@@ -59,7 +59,9 @@ def translate_errors() -> Iterator[None]:
             sqlstate=exc.sqlstate,
         ) from exc
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-        raise ConnectionFailed(_one_line(exc), sqlstate=getattr(exc, "sqlstate", None)) from exc
+        # Not chained: a failed connect's exception carries the libpq connection, whose
+        # repr holds the password, and error reporters print causes and their locals.
+        raise ConnectionFailed(_one_line(exc), sqlstate=getattr(exc, "sqlstate", None)) from None
     except psycopg.Error as exc:
         raise DatabaseError(_one_line(exc), sqlstate=exc.sqlstate) from exc
 
@@ -69,14 +71,20 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def pool_kwargs(pgbouncer: bool, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def pool_kwargs(
+    pgbouncer: bool, kwargs: dict[str, Any] | Callable[[], dict[str, Any]] | None
+) -> dict[str, Any] | Callable[[], dict[str, Any]]:
     """Connection settings for pools we build. Behind PgBouncer in transaction mode,
-    server-side prepared statements would leak between clients, so none are made."""
-    merged: dict[str, Any] = {"autocommit": True}
+    server-side prepared statements would leak between clients, so none are made.
+    `kwargs` may be a callable (psycopg_pool calls it for every new connection, e.g. to
+    resolve a rotated password); ours are then merged into what it returns."""
+    ours: dict[str, Any] = {"autocommit": True}
     if pgbouncer:
-        merged["prepare_threshold"] = None
-    merged.update(kwargs or {})
-    return merged
+        ours["prepare_threshold"] = None
+    if callable(kwargs):
+        supplied = kwargs
+        return lambda: {**ours, **supplied()}
+    return {**ours, **(kwargs or {})}
 
 
 def _pool_sizes(options: dict[str, Any]) -> None:

@@ -14,20 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
 from . import slots
-from .client import AsyncSubstrate, Substrate, adrive, drive, translate_errors
+from .client import AsyncSubstrate, Substrate, _doc, adrive, drive, translate_errors
+from .core import MAX_LEASE_SECS, check_int
+from .leases import LeaseBook, LeaseTracking
 from .models import WriteBackResult
 from .slots import OnLost, SlotStatus
 
 RESTART_DELAY_SECS = 1.0
 """Pause before a crashed loop starts again, so a persistent bug cannot spin."""
+
+
+def _check_lease(lease_secs: int | None) -> int | None:
+    if lease_secs is None:
+        return None
+    return check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS)
 
 
 def _connect_args(pool: Any) -> tuple[str, dict[str, Any]]:
@@ -39,12 +49,15 @@ def _connect_args(pool: Any) -> tuple[str, dict[str, Any]]:
     return conninfo, kwargs
 
 
-class SlotHeartbeat:
-    """Beats `status` every interval from a daemon thread.
+class SlotHeartbeat(LeaseTracking[threading.Event]):
+    """Beats `status` every interval from a daemon thread, carrying the leases of the
+    jobs it tracks (`track(job)` returns an event set when that lease is lost).
 
-    Use as a context manager or `start()`/`stop()`. `on_lost` is called once for each job
-    whose lease a beat could not extend (the job was reclaimed, finished or cancelled):
-    stop working on it. `stop()` marks the slot `gone`.
+    Use as a context manager or `start()`/`stop()`. With `lease_secs`, each beat extends
+    every tracked lease to now + lease_secs, and the slot beats at least every
+    lease_secs / 3. `on_lost(job_id, result)` is called once for each job whose lease a
+    beat could not extend (it was reclaimed, finished or cancelled): stop working on it.
+    `stop()` marks the slot `gone`.
     """
 
     def __init__(
@@ -52,10 +65,13 @@ class SlotHeartbeat:
         substrate: Substrate,
         status: SlotStatus,
         *,
+        lease_secs: int | None = None,
         on_lost: OnLost | None = None,
         connect: Callable[[], psycopg.Connection[Any]] | None = None,
     ) -> None:
         self.status = status
+        self.lease_secs = _check_lease(lease_secs)
+        self._book = LeaseBook(threading.Event)
         self._substrate = substrate
         self._on_lost = on_lost
         self._connect = connect or self._connect_like_pool
@@ -63,11 +79,15 @@ class SlotHeartbeat:
         self._failures = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._every = slots.beat_interval(status.interval_secs, status.lease_secs)
+        self._every = slots.beat_interval(status.interval_secs, self.lease_secs)
 
     def _connect_like_pool(self) -> psycopg.Connection[Any]:
-        conninfo, kwargs = _connect_args(self._substrate.pool)
-        return psycopg.Connection.connect(conninfo, **kwargs)
+        pool = self._substrate.pool
+        conninfo, kwargs = _connect_args(pool)
+        # The pool's connection class, so whatever it does on connect (the intake's
+        # re-resolves a rotated password) applies to the heartbeat's connection too.
+        conn: psycopg.Connection[Any] = pool.connection_class.connect(conninfo, **kwargs)
+        return conn
 
     def start(self) -> SlotHeartbeat:
         if self._thread is None or not self._thread.is_alive():
@@ -95,15 +115,20 @@ class SlotHeartbeat:
     ) -> None:
         self.stop()
 
-    def beat(self) -> list[WriteBackResult]:
-        """Beat now, on the caller's thread; raises on failure. Returns newly lost leases."""
-        lost: list[WriteBackResult] = self._run(
-            slots.beat_plan(self._substrate.queries, self.status)
+    def beat(self, *, now: datetime | None = None) -> list[WriteBackResult]:
+        """Beat now, on the caller's thread; raises on failure. Returns newly lost leases.
+        `now` overrides Postgres' clock (for tests)."""
+        plan = slots.beat_plan(
+            self._substrate.queries, self.status, self._book, self.lease_secs, now=now
         )
+        lost: list[WriteBackResult] = self._run(plan)
         for result in lost:
             slots.log_lease_lost(result)
             if self._on_lost is not None:
-                self._on_lost(result)
+                try:
+                    self._on_lost(result.job_id, result)
+                except Exception as exc:
+                    slots.log_callback_error(exc)
         return lost
 
     def _run(self, plan: Any) -> Any:
@@ -144,19 +169,22 @@ class SlotHeartbeat:
                 self._stopping.wait(RESTART_DELAY_SECS)
 
 
-class AsyncSlotHeartbeat:
+class AsyncSlotHeartbeat(LeaseTracking[asyncio.Event]):
     """`SlotHeartbeat` as an asyncio task: `await start()`, `await stop()`, or
-    `async with`."""
+    `async with`. `on_lost` may be a coroutine function."""
 
     def __init__(
         self,
         substrate: AsyncSubstrate,
         status: SlotStatus,
         *,
+        lease_secs: int | None = None,
         on_lost: OnLost | None = None,
         connect: Callable[[], Any] | None = None,
     ) -> None:
         self.status = status
+        self.lease_secs = _check_lease(lease_secs)
+        self._book = LeaseBook(asyncio.Event)
         self._substrate = substrate
         self._on_lost = on_lost
         self._connect = connect or self._connect_like_pool
@@ -164,11 +192,13 @@ class AsyncSlotHeartbeat:
         self._failures = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._every = slots.beat_interval(status.interval_secs, status.lease_secs)
+        self._every = slots.beat_interval(status.interval_secs, self.lease_secs)
 
     async def _connect_like_pool(self) -> psycopg.AsyncConnection[Any]:
-        conninfo, kwargs = _connect_args(self._substrate.pool)
-        return await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        pool = self._substrate.pool
+        conninfo, kwargs = _connect_args(pool)
+        conn: psycopg.AsyncConnection[Any] = await pool.connection_class.connect(conninfo, **kwargs)
+        return conn
 
     async def start(self) -> AsyncSlotHeartbeat:
         if self._task is None or self._task.done():
@@ -195,14 +225,21 @@ class AsyncSlotHeartbeat:
     ) -> None:
         await self.stop()
 
-    async def beat(self) -> list[WriteBackResult]:
-        lost: list[WriteBackResult] = await self._run(
-            slots.beat_plan(self._substrate.queries, self.status)
+    @_doc(SlotHeartbeat.beat)
+    async def beat(self, *, now: datetime | None = None) -> list[WriteBackResult]:
+        plan = slots.beat_plan(
+            self._substrate.queries, self.status, self._book, self.lease_secs, now=now
         )
+        lost: list[WriteBackResult] = await self._run(plan)
         for result in lost:
             slots.log_lease_lost(result)
             if self._on_lost is not None:
-                self._on_lost(result)
+                try:
+                    outcome = self._on_lost(result.job_id, result)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception as exc:
+                    slots.log_callback_error(exc)
         return lost
 
     async def _run(self, plan: Any) -> Any:

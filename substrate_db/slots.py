@@ -26,7 +26,8 @@ from . import core
 from ._queries import Rendered
 from .core import Batch, Plan, Stmt
 from .errors import InvalidArgument
-from .models import ClaimedJob, WriteBackResult
+from .leases import LeaseBook
+from .models import WriteBackResult
 
 MIN_INTERVAL_SECS: Final = 5.0
 MAX_INTERVAL_SECS: Final = 300.0
@@ -112,15 +113,15 @@ def judge_failure(failures_in_a_row: int) -> FailureVerdict:
 
 @dataclass(frozen=True, slots=True)
 class Beat:
-    """A snapshot of what one beat sends."""
+    """A snapshot of the slot row one beat sends."""
 
     params: dict[str, Any]
-    jobs: list[tuple[int, int]]
 
 
 class SlotStatus:
-    """What a slot reports about itself, and the leases it carries. Thread-safe: the
-    runtime updates it from its own threads while the heartbeat reads it."""
+    """What a slot reports about itself. Thread-safe: the runtime updates it from its own
+    threads while the heartbeat reads it. The leases a slot carries are tracked by its
+    heartbeat (`SlotHeartbeat.track`), which also fills in jobs in flight."""
 
     def __init__(
         self,
@@ -128,48 +129,17 @@ class SlotStatus:
         kinds: Sequence[str] = (),
         *,
         interval_secs: float = DEFAULT_INTERVAL_SECS,
-        lease_secs: int | None = None,
     ) -> None:
         self.slot_id = core.check_name("slot_id", slot_id)
         self.kinds = [] if not kinds else core.check_kinds(kinds)
-        self.lease_secs = (
-            None
-            if lease_secs is None
-            else core.check_int("lease_secs", lease_secs, 1, core.MAX_LEASE_SECS)
-        )
         self.interval_secs = clamp_interval(interval_secs)
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._state = SlotState.HEALTHY
         self._reason: str | None = None
-        self._jobs: dict[int, int] = {}
-        self._lost: dict[int, WriteBackResult] = {}
-        self._current: int | None = None
         self._ok = 0
         self._errors = 0
-
-    # -- what the runtime tells us ----------------------------------------------------
-
-    def track(self, job: ClaimedJob | tuple[int, int]) -> None:
-        """Carry this job's lease in every beat until `untrack`."""
-        job_id, epoch = (job.id, job.claim_epoch) if isinstance(job, ClaimedJob) else job
-        with self._lock:
-            self._jobs[job_id] = epoch
-            self._lost.pop(job_id, None)
-            self._current = job_id
-
-    def untrack(self, job_id: int) -> None:
-        with self._lock:
-            self._jobs.pop(job_id, None)
-            self._lost.pop(job_id, None)
-            if self._current == job_id:
-                self._current = next(reversed(self._jobs), None)
-
-    def lost(self, job_id: int) -> bool:
-        """True once a beat found this job's lease no longer ours."""
-        with self._lock:
-            return job_id in self._lost
 
     def record_outcome(self, ok: bool) -> None:
         """Count a finished job toward the error rate reported at the next beat."""
@@ -204,16 +174,9 @@ class SlotStatus:
         with self._lock:
             return self._state
 
-    @property
-    def tracked(self) -> dict[int, int]:
-        """job id -> epoch of the leases carried (a copy)."""
-        with self._lock:
-            return dict(self._jobs)
-
-    # -- what a beat sends and learns -------------------------------------------------
-
-    def take_beat(self, now: datetime | None = None) -> Beat:
-        """Snapshot the status for one beat; resets the error-rate window."""
+    def take_beat(self, in_flight: Sequence[tuple[int, int]], now: datetime | None = None) -> Beat:
+        """Snapshot the status for one beat (resetting the error-rate window). The most
+        recently tracked job is reported as the current one."""
         with self._lock:
             total = self._ok + self._errors
             rate = self._errors / total if total else 0.0
@@ -224,54 +187,47 @@ class SlotStatus:
                 "host": self.host,
                 "pid": self.pid,
                 "interval_secs": max(1, round(self.interval_secs)),
-                "jobs_in_flight": len(self._jobs),
-                "current_job": self._current,
+                "jobs_in_flight": len(in_flight),
+                "current_job": in_flight[-1][0] if in_flight else None,
                 "error_rate": rate,
                 "state": str(self._state),
                 "reason": self._reason,
                 "now": now,
             }
-            jobs = [
-                (job_id, epoch) for job_id, epoch in self._jobs.items() if job_id not in self._lost
-            ]
-        return Beat(params, jobs)
-
-    def apply_results(self, results: Sequence[WriteBackResult]) -> list[WriteBackResult]:
-        """Record the leases a beat could not extend; return the newly lost ones. A job
-        untracked (or re-tracked under a new epoch) while the beat was in flight is not
-        reported."""
-        newly: list[WriteBackResult] = []
-        with self._lock:
-            for result in results:
-                if result.ok or self._jobs.get(result.job_id) != result.expected_epoch:
-                    continue
-                if result.job_id not in self._lost:
-                    self._lost[result.job_id] = result
-                    newly.append(result)
-        return newly
+        return Beat(params)
 
 
 def beat_plan(
-    q: Mapping[str, Rendered], status: SlotStatus, *, now: datetime | None = None
+    q: Mapping[str, Rendered],
+    status: SlotStatus | None,
+    book: LeaseBook[Any],
+    lease_secs: int | None,
+    *,
+    now: datetime | None = None,
 ) -> Plan[list[WriteBackResult]]:
-    """One beat: the slot row and the leases in one round trip. Returns newly lost leases."""
-    beat = status.take_beat(now)
-    stmts = [Stmt(q["slot_beat"], beat.params)]
+    """One beat: the slot row (when there is a slot) and the due leases (when there is
+    a lease to renew) in one round trip. Returns the leases newly found lost."""
+    stmts: list[Stmt] = []
+    if status is not None:
+        stmts.append(Stmt(q["slot_beat"], status.take_beat(book.tracked(), now).params))
     prepared = None
-    if beat.jobs and status.lease_secs is not None:
-        prepared = core.prepare_extend_leases(q, beat.jobs, status.lease_secs, now)
+    due = book.due() if lease_secs is not None else []
+    if due:
+        prepared = core.prepare_extend_leases(q, due, lease_secs, now)
         assert prepared.stmt is not None
         stmts.append(prepared.stmt)
-    return _beat(stmts, prepared, status)
+    return _beat(stmts, prepared, book)
 
 
 def _beat(
-    stmts: list[Stmt], prepared: core.PreparedWriteBack | None, status: SlotStatus
+    stmts: list[Stmt], prepared: core.PreparedWriteBack | None, book: LeaseBook[Any]
 ) -> Plan[list[WriteBackResult]]:
+    if not stmts:
+        return []
     received = yield Batch(tuple(stmts))
     if prepared is None:
         return []
-    return status.apply_results(prepared.results(received[1]))
+    return book.settle(prepared.results(received[-1]))
 
 
 def gone_plan(q: Mapping[str, Rendered], status: SlotStatus, reason: str = "stopped") -> Plan[int]:
@@ -299,8 +255,9 @@ def prune_slots(
     return core.run_one(Stmt(q["prune_slots"], params), lambda row: int(row["pruned"]))
 
 
-OnLost = Callable[[WriteBackResult], None]
-"""Called once per lease a beat found lost (from the heartbeat's thread or task)."""
+OnLost = Callable[[int, WriteBackResult], Any]
+"""`on_lost(job_id, result)`: called once per lease a beat found lost, from the
+heartbeat's thread or task (for the async heartbeat it may be a coroutine function)."""
 
 
 # -- log lines (one place, shared by both heartbeat flavours) ---------------------------
@@ -333,6 +290,10 @@ def log_lease_lost(result: WriteBackResult) -> None:
         result.expected_epoch,
         result.reason,
     )
+
+
+def log_callback_error(exc: BaseException) -> None:
+    logger.error("[substrate] callback-error callback=on_lost error=%s", one_line(exc))
 
 
 def log_loop_restart(status: SlotStatus, exc: BaseException) -> None:

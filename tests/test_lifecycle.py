@@ -320,3 +320,21 @@ def test_custom_schema(substrate_dsn: str, schema: str) -> None:
                 [schema],
             ).fetchone()
         assert row == (1,)
+
+
+def test_connect_takes_callable_kwargs(substrate_dsn: str) -> None:
+    """psycopg_pool calls a kwargs callable for every new connection (how a rotated
+    password is picked up); our own settings are merged into what it returns."""
+    calls: list[int] = []
+
+    def kwargs() -> dict[str, object]:
+        calls.append(1)
+        return {"application_name": "rotating"}
+
+    with Substrate.connect(substrate_dsn, kwargs=kwargs) as s:
+        assert s.enqueue("k") >= 1
+        with s.pool.connection() as conn:
+            assert conn.autocommit
+            row = conn.execute("SHOW application_name").fetchone()
+        assert row == ("rotating",)
+    assert calls

@@ -89,14 +89,15 @@ def test_wedged_round_trips_and_stale_is_derived(substrate: Substrate) -> None:
 
 
 def test_error_rate_and_in_flight(substrate: Substrate) -> None:
-    status = SlotStatus("slot-e", ["k"], lease_secs=60)
+    status = SlotStatus("slot-e", ["k"])
+    hb = SlotHeartbeat(substrate, status, lease_secs=60)
     substrate.enqueue_many([{"kind": "k"}, {"kind": "k"}])
     jobs = substrate.claim_jobs("slot-e", ["k"], 2)
     for job in jobs:
-        status.track(job)
+        hb.track(job)
     for ok in (True, True, False, True):
         status.record_outcome(ok)
-    SlotHeartbeat(substrate, status).beat()
+    hb.beat()
     (slot,) = substrate.list_slots()
     assert slot.jobs_in_flight == 2 and slot.current_job == jobs[-1].id
     assert slot.error_rate == pytest.approx(0.25)
@@ -107,10 +108,9 @@ def test_beat_extends_leases_and_reports_lost_ones(substrate: Substrate) -> None
     keep, lose = substrate.enqueue_many([{"kind": "k"}, {"kind": "k"}], now=now)
     jobs = {j.id: j for j in substrate.claim_jobs("slot-l", ["k"], 2, lease_secs=30, now=now)}
     lost: list[int] = []
-    status = SlotStatus("slot-l", ["k"], lease_secs=30)
-    for job in jobs.values():
-        status.track(job)
-    hb = SlotHeartbeat(substrate, status, on_lost=lambda r: lost.append(r.job_id))
+    status = SlotStatus("slot-l", ["k"])
+    hb = SlotHeartbeat(substrate, status, lease_secs=30, on_lost=lambda i, r: lost.append(i))
+    events = {job.id: hb.track(job) for job in jobs.values()}
     hb.beat()
     kept = substrate.get_job(keep)
     assert kept is not None and kept.lease_expires_at is not None
@@ -121,10 +121,11 @@ def test_beat_extends_leases_and_reports_lost_ones(substrate: Substrate) -> None
     assert [r.job_id for r in results] == [lose] and results[
         0
     ].reason == WriteBackReason.NOT_RUNNING
-    assert lost == [lose] and status.lost(lose) and not status.lost(keep)
+    assert lost == [lose] and hb.lost(lose) and not hb.lost(keep)
+    assert events[lose].is_set() and not events[keep].is_set()
     assert hb.beat() == []  # reported once
-    status.untrack(lose)
-    assert not status.lost(lose)
+    hb.untrack(lose)
+    assert not hb.lost(lose) and hb.tracked() == [(keep, jobs[keep].claim_epoch)]
 
 
 def test_heartbeat_thread_resumes_after_the_database_comes_back(
@@ -195,15 +196,19 @@ async def test_async_heartbeat(async_substrate: AsyncSubstrate) -> None:
     job_id = await async_substrate.enqueue("k")
     job = await async_substrate.claim_next_job("slot-async", ["k"], 30)
     assert job is not None
-    status = SlotStatus("slot-async", ["k"], lease_secs=30)
-    status.track(job)
+    status = SlotStatus("slot-async", ["k"])
     lost: list[int] = []
-    hb = AsyncSlotHeartbeat(async_substrate, status, on_lost=lambda r: lost.append(r.job_id))
+
+    async def on_lost(job_id: int, _: object) -> None:
+        lost.append(job_id)
+
+    hb = AsyncSlotHeartbeat(async_substrate, status, lease_secs=30, on_lost=on_lost)
+    event = hb.track(job)
     async with hb:
         assert await hb.beat() == []
         (slot,) = await async_substrate.list_slots()
         assert slot.jobs_in_flight == 1
         await async_substrate.cancel_job(job_id)
         assert [r.job_id for r in await hb.beat()] == [job_id]
-    assert lost == [job_id]
+    assert lost == [job_id] and event.is_set()
     assert (await async_substrate.list_slots())[0].state == SlotState.GONE
