@@ -9,12 +9,12 @@ row-level security when each source connects as its own role.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
+from . import loglines
 from ._queries import Rendered
 from .core import (
     INT_MAX,
@@ -29,9 +29,8 @@ from .core import (
     check_name,
 )
 from .errors import InvalidArgument
+from .loglines import logger
 from .models import JobOutcome, JobState
-
-logger = logging.getLogger("substrate_db")
 
 DEFAULT_POLL_SECS: Final = 1.0
 """How often `wait_for_result` re-reads the job when no notification arrives."""
@@ -77,11 +76,7 @@ def _read_result(
     if row["id"] is not None:
         return _outcome(row), False
     if row["foreign_job"]:
-        logger.warning(
-            "[substrate] result-source-mismatch jobs.id=%s source=%s",
-            params["id"],
-            params["source_id"],
-        )
+        logger.warning(loglines.result_source_mismatch(params["id"], params["source_id"]))
         return None, True
     return None, False
 

@@ -10,7 +10,6 @@ is here, so the two flavours cannot disagree.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -22,11 +21,12 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict
 
-from . import core
+from . import core, loglines
 from ._queries import Rendered
 from .core import Batch, Plan, Stmt
 from .errors import InvalidArgument
 from .leases import LeaseBook
+from .loglines import logger
 from .models import WriteBackResult
 
 MIN_INTERVAL_SECS: Final = 5.0
@@ -260,49 +260,32 @@ OnLost = Callable[[int, WriteBackResult], Any]
 heartbeat's thread or task (for the async heartbeat it may be a coroutine function)."""
 
 
-# -- log lines (one place, shared by both heartbeat flavours) ---------------------------
-
-logger = logging.getLogger("substrate_db")
+# -- log lines (formatted in `loglines`; shared by both heartbeat flavours) -------------
 
 
 def log_beat_failure(status: SlotStatus, verdict: FailureVerdict, exc: BaseException) -> None:
     if verdict.log:
-        logger.warning(
-            "[substrate] slot-beat-failed slot=%s failures=%d error=%s",
-            status.slot_id,
-            verdict.failures,
-            one_line(exc),
-        )
+        logger.warning(loglines.slot_beat_failed(status.slot_id, verdict.failures, one_line(exc)))
     if verdict.reconnect:
-        logger.warning(
-            "[substrate] slot-reconnect slot=%s failures=%d", status.slot_id, verdict.failures
-        )
+        logger.warning(loglines.slot_reconnect(status.slot_id, verdict.failures))
 
 
 def log_beat_recovered(status: SlotStatus, failures: int) -> None:
-    logger.info("[substrate] slot-beat-recovered slot=%s after=%d", status.slot_id, failures)
+    logger.info(loglines.slot_beat_recovered(status.slot_id, failures))
 
 
 def log_lease_lost(result: WriteBackResult) -> None:
-    logger.warning(
-        "[substrate] lease-lost jobs.id=%s epoch=%s reason=%s",
-        result.job_id,
-        result.expected_epoch,
-        result.reason,
-    )
+    logger.warning(loglines.lease_lost(result.job_id, result.expected_epoch, str(result.reason)))
 
 
 def log_callback_error(exc: BaseException) -> None:
-    logger.error("[substrate] callback-error callback=on_lost error=%s", one_line(exc))
+    logger.error(loglines.callback_error("on_lost", one_line(exc)))
 
 
 def log_loop_restart(status: SlotStatus, exc: BaseException) -> None:
-    logger.error(
-        "[substrate] slot-heartbeat-restart slot=%s error=%s", status.slot_id, one_line(exc)
-    )
+    logger.error(loglines.slot_heartbeat_restart(status.slot_id, one_line(exc)))
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line, for log lines that must stay parseable."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """An exception as one line, with its type."""
+    return f"{type(exc).__name__}: {loglines.text(exc)}"

@@ -26,11 +26,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
+from .. import loglines
 from ..client import AsyncSubstrate, Substrate
 from ..errors import InvalidArgument
 from ..leases import E, LeaseBook, LeaseTracking
 from ..models import ClaimedJob, WriteBackResult
-from . import loglines
 from ._connect import ConnectTracker, one_line
 from .logic import explain
 from .tasks import LocalTask

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from .. import loglines
 from ..errors import ConnectionFailed, SubstrateError
 from ..models import ClaimedJob, JsonValue, RecoveryResult, WriteBackReason, WriteBackResult
-from . import loglines
 from ._connect import ConnectFailure, ConnectTracker, one_line
 from .config import SubstrateConfig
 from .credentials import CredentialError
