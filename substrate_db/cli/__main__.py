@@ -1,0 +1,5 @@
+"""`python -m substrate_db.cli`: the same as the `substrate-db` console script."""
+
+from . import main
+
+main()
