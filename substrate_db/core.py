@@ -221,7 +221,9 @@ _SPEC_KEYS: Final = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
+class JobRow:
+    """A job to insert, checked and serialised (see `job_row`)."""
+
     kind: str
     payload: str
     priority: int
@@ -232,7 +234,7 @@ class _Row:
     serial_key: str | None
 
 
-def _job_row(
+def job_row(
     prefix: str,
     kind: object,
     payload: object,
@@ -242,8 +244,8 @@ def _job_row(
     dedupe_key: object,
     source_id: object,
     serial_key: object,
-) -> _Row:
-    return _Row(
+) -> JobRow:
+    return JobRow(
         kind=check_name(f"{prefix}kind", kind),
         payload=to_json(f"{prefix}payload", {} if payload is None else payload),
         priority=check_int(f"{prefix}priority", priority, SMALLINT_MIN, SMALLINT_MAX),
@@ -255,9 +257,11 @@ def _job_row(
     )
 
 
-def _enqueue_plan(
-    q: Mapping[str, Rendered], rows: Sequence[_Row], now: datetime | None
-) -> Plan[list[int]]:
+def enqueue_rows(
+    q: Mapping[str, Rendered], rows: Sequence[JobRow], now: datetime | None
+) -> Plan[list[tuple[int, bool]]]:
+    """Insert checked rows in one statement: (id, inserted) per row, in input order
+    (inserted is False when an unfinished job held the row's dedupe key: its id)."""
     if not rows:
         return []
     params = {
@@ -272,7 +276,14 @@ def _enqueue_plan(
         "now": now,
     }
     result = yield Stmt(q["enqueue_jobs"], params)
-    return [int(row["id"]) for row in result]
+    return [(int(row["id"]), bool(row["inserted"])) for row in result]
+
+
+def _enqueue_plan(
+    q: Mapping[str, Rendered], rows: Sequence[JobRow], now: datetime | None
+) -> Plan[list[int]]:
+    pairs = yield from enqueue_rows(q, rows, now)
+    return [job_id for job_id, _ in pairs]
 
 
 def enqueue(
@@ -288,7 +299,7 @@ def enqueue(
     serial_key: object = None,
     now: datetime | None,
 ) -> Plan[int]:
-    row = _job_row(
+    row = job_row(
         "", kind, payload, priority, run_at, max_attempts, dedupe_key, source_id, serial_key
     )
     return _first(_enqueue_plan(q, [row], check_aware("now", now)))
@@ -304,7 +315,7 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
     fields of `enqueue`. Unknown keys are refused, so a typo cannot pass silently."""
     if isinstance(jobs, str | bytes | Mapping) or not isinstance(jobs, Iterable):
         raise InvalidArgument("jobs", jobs, "a list of job mappings")
-    rows: list[_Row] = []
+    rows: list[JobRow] = []
     for i, item in enumerate(jobs):
         spec = item.model_dump() if hasattr(item, "model_dump") else item
         if not isinstance(spec, Mapping):
@@ -321,7 +332,7 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
                 f"jobs[{i}].kind", None, "a non-empty string of at most 200 characters"
             )
         rows.append(
-            _job_row(
+            job_row(
                 f"jobs[{i}].",
                 spec["kind"],
                 spec.get("payload"),

@@ -10,8 +10,9 @@ keys are an error, so a typo cannot silently become a default.
 
 Runs sit on a grid: the next run is the last run plus the interval, or now when the
 schedule never ran. `schedule_tick` enqueues each due run exactly once, even with
-several tickers at once, and coalesces runs missed while nobody ticked into one. All of
-it happens in SQL with Postgres' clock (`sql/queries/schedules.sql`); this module only
+several tickers at once, and coalesces runs missed while nobody ticked into one. Every
+decision is SQL with Postgres' clock (`sql/queries/schedules.sql`), and the jobs go
+through `enqueue_jobs`, the one insert every job takes; this module only
 validates and shapes, like `core`, and does no I/O: run its plans with
 `Substrate.run(plan)` or `await AsyncSubstrate.run(plan)`.
 """
@@ -28,13 +29,25 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic import ValidationError as _PydanticValidationError
 
 from ._queries import Rendered
-from .core import SMALLINT_MAX, SMALLINT_MIN, Plan, Stmt, check_aware, check_int, to_json
+from .core import (
+    BEGIN,
+    COMMIT,
+    SMALLINT_MAX,
+    SMALLINT_MIN,
+    Plan,
+    Stmt,
+    check_aware,
+    check_int,
+    enqueue_rows,
+    job_row,
+    to_json,
+)
 from .errors import InvalidArgument, SubstrateError
 
 MAX_SCHEDULE_NAME_LEN: Final = 160
 """Longest schedule name: the run's dedupe key `schedule:<name>:<epoch>` must fit in 200."""
 TICK_PAGE: Final = 100
-"""A tick locks and advances at most this many schedules per statement (one transaction)."""
+"""A tick locks, enqueues and advances at most this many schedules per transaction."""
 
 
 class ScheduleFileError(SubstrateError, ValueError):
@@ -209,15 +222,63 @@ def delete(q: Mapping[str, Rendered], name: object) -> Plan[bool]:
 def tick(
     q: Mapping[str, Rendered], now: datetime | None = None, *, page_size: int = TICK_PAGE
 ) -> Plan[TickResult]:
-    """Enqueue every due run, page by page (each page one statement, so one short
-    transaction), then read every schedule's next run."""
+    """Enqueue every due run, page by page (each page one short transaction: lock the
+    due schedules, insert their jobs through `enqueue_jobs`, advance them), then read
+    every schedule's next run."""
     check_int("page_size", page_size, 1, 10_000)
-    params = {"now": check_aware("now", now), "limit": page_size}
+    now = check_aware("now", now)
     runs: list[TickRun] = []
     while True:
-        rows = yield Stmt(q["schedule_tick"], params)
-        runs.extend(TickRun.model_construct(**row) for row in rows)
-        if len(rows) < page_size:
+        yield BEGIN
+        due = yield Stmt(q["schedule_due"], {"now": now, "limit": page_size})
+        page = yield from _enqueue_due(q, due, now)
+        yield COMMIT
+        runs.extend(page)
+        if len(due) < page_size:
             break
     schedules = yield from list_schedules(q)
     return TickResult(runs=tuple(runs), schedules=tuple(schedules))
+
+
+def _enqueue_due(
+    q: Mapping[str, Rendered], due: list[dict[str, Any]], now: datetime | None
+) -> Plan[list[TickRun]]:
+    if not due:
+        return []
+    rows = [
+        job_row(
+            "",
+            d["kind"],
+            d["payload"],
+            d["priority"],
+            d["due_at"],
+            d["max_attempts"],
+            d["dedupe_key"],
+            None,
+            None,
+        )
+        for d in due
+    ]
+    enqueued = yield from enqueue_rows(q, rows, now)
+    job_ids = [job_id if inserted else None for job_id, inserted in enqueued]
+    advanced = yield Stmt(
+        q["schedule_advance"],
+        {
+            "names": [d["name"] for d in due],
+            "due_ats": [d["due_at"] for d in due],
+            "job_ids": job_ids,
+            "now": now,
+        },
+    )
+    next_runs = {row["name"]: row["next_run_at"] for row in advanced}
+    return [
+        TickRun.model_construct(
+            name=d["name"],
+            kind=d["kind"],
+            due_at=d["due_at"],
+            dedupe_key=d["dedupe_key"],
+            job_id=job_id,
+            next_run_at=next_runs[d["name"]],
+        )
+        for d, job_id in zip(due, job_ids, strict=True)
+    ]

@@ -43,18 +43,19 @@ ORDER BY name;
 DELETE FROM {schema}.schedules WHERE name = %(name)s RETURNING name;
 
 
--- name: schedule_tick :many
--- One page of a tick, in one statement (one transaction): locks up to %(limit)s due,
--- enabled schedules with SKIP LOCKED, enqueues one job per schedule and advances it.
--- Exactly once with many tickers: a schedule row locked by another ticker is skipped,
--- and one it already advanced is no longer due when this ticker's FOR UPDATE re-reads
--- the newest row version. The dedupe key `schedule:<name>:<due epoch>` is a second fence
--- (a run whose job is still unfinished is never enqueued twice).
--- Missed runs coalesce: `due_at` is the latest grid point not after now, so a schedule
--- nobody ticked for ten intervals runs once, and its next run is the next grid point.
--- Returns one row per schedule ticked; job_id is NULL when the dedupe key was taken.
-WITH due AS MATERIALIZED (
-    SELECT s.name, s.kind, s.payload, s.priority, s.max_attempts, s.interval_secs,
+-- name: schedule_due :many
+-- One page of a tick, first statement of its transaction: locks up to %(limit)s due,
+-- enabled schedules with SKIP LOCKED. Exactly once with many tickers: a schedule row
+-- locked by another ticker is skipped, and one it already advanced is no longer due when
+-- this ticker's FOR UPDATE re-reads the newest row version. The run's dedupe key
+-- `schedule:<name>:<due epoch>` is a second fence (a run whose job is still unfinished
+-- is never enqueued twice). Missed runs coalesce: `due_at` is the latest grid point not
+-- after now, so a schedule nobody ticked for ten intervals runs once. The jobs are then
+-- inserted by `enqueue_jobs`, the one insert every job goes through.
+SELECT d.name, d.kind, d.payload, d.priority, d.max_attempts, d.due_at,
+       'schedule:' || d.name || ':' || floor(extract(epoch FROM d.due_at))::bigint AS dedupe_key
+FROM (
+    SELECT s.name, s.kind, s.payload, s.priority, s.max_attempts,
            s.next_run_at + make_interval(secs => (s.interval_secs * floor(
                extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - s.next_run_at)
                / s.interval_secs))::double precision) AS due_at
@@ -64,36 +65,19 @@ WITH due AS MATERIALIZED (
     ORDER BY s.next_run_at, s.name
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-),
-keyed AS MATERIALIZED (
-    SELECT due.*,
-           'schedule:' || due.name || ':' || floor(extract(epoch FROM due.due_at))::bigint
-               AS dedupe_key
-    FROM due
-),
-ins AS (
-    INSERT INTO {schema}.jobs AS j
-        (kind, payload, priority, max_attempts, run_at, dedupe_key, created_at, updated_at)
-    SELECT k.kind, k.payload, k.priority, k.max_attempts, k.due_at, k.dedupe_key,
-           coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
-    FROM keyed k
-    ORDER BY k.due_at, k.name
-    ON CONFLICT (dedupe_key) WHERE state IN ('available', 'running') DO NOTHING
-    RETURNING j.id, j.dedupe_key
-),
-advanced AS (
-    UPDATE {schema}.schedules s
-    SET last_run_at = k.due_at,
-        next_run_at = k.due_at + make_interval(secs => k.interval_secs),
-        last_job_id = coalesce(ins.id, s.last_job_id),
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    FROM keyed k
-    LEFT JOIN ins ON ins.dedupe_key = k.dedupe_key
-    WHERE s.name = k.name
-    RETURNING s.name, s.next_run_at
-)
-SELECT k.name, k.kind, k.due_at, k.dedupe_key, ins.id AS job_id, advanced.next_run_at
-FROM keyed k
-JOIN advanced ON advanced.name = k.name
-LEFT JOIN ins ON ins.dedupe_key = k.dedupe_key
-ORDER BY k.due_at, k.name;
+) AS d
+ORDER BY d.due_at, d.name;
+
+
+-- name: schedule_advance :many
+-- Last statement of a tick page: each ticked schedule's last run becomes the grid point
+-- it ran for, and its next run the following grid point.
+UPDATE {schema}.schedules s
+SET last_run_at = a.due_at,
+    next_run_at = a.due_at + make_interval(secs => s.interval_secs),
+    last_job_id = coalesce(a.job_id, s.last_job_id),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(names)s::text[], %(due_ats)s::timestamptz[], %(job_ids)s::bigint[])
+     AS a (name, due_at, job_id)
+WHERE s.name = a.name
+RETURNING s.name, s.next_run_at;
