@@ -107,9 +107,9 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import embedded, jobs, maintenance, migrate, schedule, stats, worker
+    from . import agents, embedded, jobs, maintenance, migrate, schedule, stats, worker
 
-    for module in (migrate, jobs, stats, maintenance, schedule, worker, embedded):
+    for module in (migrate, jobs, stats, maintenance, schedule, worker, agents, embedded):
         module.register(cli)
 
 

@@ -49,6 +49,8 @@ def _run_at(value: str | None) -> datetime | None:
 @click.option(
     "--dedupe-key", default=None, help="No new job while one with this key is unfinished."
 )
+@click.option("--source-id", default=None, help="Who enqueues: its outcome goes back there.")
+@click.option("--serial-key", default=None, help="Jobs sharing it run one at a time, in order.")
 @connection_options
 @json_option
 @click.pass_context
@@ -60,6 +62,8 @@ def enqueue(
     run_at: str | None,
     max_attempts: int,
     dedupe_key: str | None,
+    source_id: str | None,
+    serial_key: str | None,
     dsn: str | None,
     config_path: str | None,
     schema: str | None,
@@ -82,6 +86,8 @@ def enqueue(
             run_at=when,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            source_id=source_id,
+            serial_key=serial_key,
         )
     if as_json:
         print_json({"id": job_id})
