@@ -1,0 +1,1 @@
+"""The chaos run: worker processes killed, connections terminated, Postgres restarted."""

@@ -1,0 +1,1 @@
+"""Reliability and security tests: faults, PgBouncer, bad input, injection, privileges."""
