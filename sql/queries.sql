@@ -146,6 +146,18 @@ key_taken AS (
 SELECT * FROM claimed;
 
 
+-- name: set_claim_timeouts :one
+-- Bounds the claim that follows in the same transaction (SET LOCAL: nothing outlives the
+-- transaction, so it is safe behind PgBouncer in transaction mode). A NULL leaves that
+-- setting as it is.
+SELECT set_config('lock_timeout',
+                  coalesce(%(lock_timeout)s::text, current_setting('lock_timeout')), true)
+           AS lock_timeout,
+       set_config('statement_timeout',
+                  coalesce(%(statement_timeout)s::text, current_setting('statement_timeout')), true)
+           AS statement_timeout;
+
+
 -- name: complete_jobs :many
 -- Fenced completion of a batch: a job is completed only while it is still running under
 -- the presented epoch. `cur` locks each row first (ids arrive sorted, so concurrent
@@ -336,7 +348,16 @@ SELECT pg_advisory_xact_lock(hashtextextended('substrate-migrate:' || %(schema)s
 
 
 -- name: migrate_bootstrap :exec
-CREATE SCHEMA IF NOT EXISTS {schema};
+-- Creates the schema only when it is missing: CREATE SCHEMA IF NOT EXISTS is checked
+-- against the database's CREATE privilege even when the schema exists, and an owner may
+-- have been handed a pre-created schema and nothing more.
+DO $bootstrap$
+BEGIN
+    IF to_regnamespace('{schema}') IS NULL THEN
+        CREATE SCHEMA {schema};
+    END IF;
+END
+$bootstrap$;
 CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,

@@ -59,11 +59,22 @@ def translate_errors() -> Iterator[None]:
             sqlstate=exc.sqlstate,
         ) from exc
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        if not _is_connection_loss(sqlstate):
+            # psycopg files lock and statement timeouts (55P03, 57014) under
+            # OperationalError too: those are errors of a live connection.
+            raise DatabaseError(_one_line(exc), sqlstate=sqlstate) from exc
         # Not chained: a failed connect's exception carries the libpq connection, whose
         # repr holds the password, and error reporters print causes and their locals.
-        raise ConnectionFailed(_one_line(exc), sqlstate=getattr(exc, "sqlstate", None)) from None
+        raise ConnectionFailed(_one_line(exc), sqlstate=sqlstate) from None
     except psycopg.Error as exc:
         raise DatabaseError(_one_line(exc), sqlstate=exc.sqlstate) from exc
+
+
+def _is_connection_loss(sqlstate: str | None) -> bool:
+    """No server answer at all (None), a connection exception (class 08), or the server
+    going away under us (57P01 admin shutdown, 57P02 crash, 57P03 cannot connect now)."""
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -261,6 +272,8 @@ class Substrate:
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
         max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
+        lock_timeout: float | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
         self._pool = pool
         self._schema = core.check_schema(schema)
@@ -268,6 +281,7 @@ class Substrate:
         self._owns_pool = False
         self._pgbouncer = pgbouncer
         self._max_result_bytes = core.check_int("max_result_bytes", max_result_bytes, 1, 2**40)
+        self._claim_timeouts = core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)
 
     @classmethod
     def connect(
@@ -277,6 +291,8 @@ class Substrate:
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
         max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
+        lock_timeout: float | None = None,
+        statement_timeout: float | None = None,
         **pool_options: Any,
     ) -> Substrate:
         """Open a pool to `conninfo` (any libpq conninfo: key=value or URI) and own it.
@@ -285,12 +301,23 @@ class Substrate:
         kwargs, ...). With `pgbouncer=True` no server-side prepared statements are used
         and nothing LISTENs, as PgBouncer's transaction mode requires. A job result over
         `max_result_bytes` of JSON is refused and the job failed (`ResultTooLarge`).
+        `lock_timeout` and `statement_timeout` (seconds) bound every claim: it runs in a
+        transaction that sets them with SET LOCAL (PgBouncer-safe), and a claim that hits
+        one raises `DatabaseError` (sqlstate 55P03 or 57014) on a live connection.
         """
         core.check_schema(schema)
+        core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)  # before any I/O
         kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
         _pool_sizes(pool_options)
         pool = psycopg_pool.ConnectionPool(conninfo, kwargs=kwargs, open=True, **pool_options)
-        client = cls(pool, schema=schema, pgbouncer=pgbouncer, max_result_bytes=max_result_bytes)
+        client = cls(
+            pool,
+            schema=schema,
+            pgbouncer=pgbouncer,
+            max_result_bytes=max_result_bytes,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+        )
         client._owns_pool = True
         return client
 
@@ -411,7 +438,9 @@ class Substrate:
         The job becomes `running` with a new `claim_epoch`, one more attempt, and a lease
         of `lease_secs` measured by Postgres' clock. Present the epoch on every write-back.
         """
-        return self.run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+        return self.run(
+            core.claim_next_job(self._q, slot_id, kinds, lease_secs, now, self._claim_timeouts)
+        )
 
     def claim_jobs(
         self,
@@ -423,7 +452,9 @@ class Substrate:
         now: datetime | None = None,
     ) -> list[ClaimedJob]:
         """Claim up to `limit` jobs in one statement, in claim order (priority, run_at, id)."""
-        return self.run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+        return self.run(
+            core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now, self._claim_timeouts)
+        )
 
     # -- write-back -------------------------------------------------------------------
 
@@ -578,6 +609,8 @@ class AsyncSubstrate:
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
         max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
+        lock_timeout: float | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
         self._pool = pool
         self._schema = core.check_schema(schema)
@@ -585,6 +618,7 @@ class AsyncSubstrate:
         self._owns_pool = False
         self._pgbouncer = pgbouncer
         self._max_result_bytes = core.check_int("max_result_bytes", max_result_bytes, 1, 2**40)
+        self._claim_timeouts = core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)
 
     @classmethod
     async def connect(
@@ -594,15 +628,25 @@ class AsyncSubstrate:
         schema: str = DEFAULT_SCHEMA,
         pgbouncer: bool = False,
         max_result_bytes: int = core.DEFAULT_MAX_RESULT_BYTES,
+        lock_timeout: float | None = None,
+        statement_timeout: float | None = None,
         **pool_options: Any,
     ) -> AsyncSubstrate:
         """Open an asyncio pool to `conninfo` and own it; see `Substrate.connect`."""
         core.check_schema(schema)
+        core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)  # before any I/O
         kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
         _pool_sizes(pool_options)
         pool = psycopg_pool.AsyncConnectionPool(conninfo, kwargs=kwargs, open=False, **pool_options)
         await pool.open()
-        client = cls(pool, schema=schema, pgbouncer=pgbouncer, max_result_bytes=max_result_bytes)
+        client = cls(
+            pool,
+            schema=schema,
+            pgbouncer=pgbouncer,
+            max_result_bytes=max_result_bytes,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+        )
         client._owns_pool = True
         return client
 
@@ -694,7 +738,9 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> ClaimedJob | None:
-        return await self.run(core.claim_next_job(self._q, slot_id, kinds, lease_secs, now))
+        return await self.run(
+            core.claim_next_job(self._q, slot_id, kinds, lease_secs, now, self._claim_timeouts)
+        )
 
     @_doc(Substrate.claim_jobs)
     async def claim_jobs(
@@ -706,7 +752,9 @@ class AsyncSubstrate:
         *,
         now: datetime | None = None,
     ) -> list[ClaimedJob]:
-        return await self.run(core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now))
+        return await self.run(
+            core.claim_jobs(self._q, slot_id, kinds, limit, lease_secs, now, self._claim_timeouts)
+        )
 
     @_doc(Substrate.complete_job)
     async def complete_job(

@@ -168,7 +168,7 @@ def to_json(field: str, value: object) -> str:
     return text
 
 
-def check_retry_in(value: object) -> float | None:
+def check_retry_in(value: object, field: str = "retry_in") -> float | None:
     if value is None:
         return None
     if (
@@ -177,7 +177,7 @@ def check_retry_in(value: object) -> float | None:
         or not math.isfinite(value)
         or not 0 <= value <= MAX_LEASE_SECS
     ):
-        raise InvalidArgument("retry_in", value, "None or a number of seconds >= 0")
+        raise InvalidArgument(field, value, "None or a number of seconds >= 0")
     return float(value)
 
 
@@ -357,6 +357,31 @@ def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
     return jobs
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimTimeouts:
+    """Bounds on the claim statement, in milliseconds (None: the server's setting)."""
+
+    lock_timeout_ms: int | None = None
+    statement_timeout_ms: int | None = None
+
+    @classmethod
+    def from_seconds(cls, lock_timeout: object, statement_timeout: object) -> ClaimTimeouts | None:
+        def ms(field: str, value: object) -> int | None:
+            if value is None:
+                return None
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0.001 <= value <= INT_MAX / 1000
+            ):
+                raise InvalidArgument(field, value, "None or a number of seconds >= 0.001")
+            return max(1, round(value * 1000))
+
+        timeouts = cls(ms("lock_timeout", lock_timeout), ms("statement_timeout", statement_timeout))
+        return None if timeouts == cls() else timeouts
+
+
 def claim_jobs(
     q: Mapping[str, Rendered],
     slot_id: object,
@@ -364,6 +389,7 @@ def claim_jobs(
     limit: object,
     lease_secs: object,
     now: datetime | None,
+    timeouts: ClaimTimeouts | None = None,
 ) -> Plan[list[ClaimedJob]]:
     params = {
         "slot_id": check_name("slot_id", slot_id),
@@ -372,7 +398,31 @@ def claim_jobs(
         "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
         "now": check_aware("now", now),
     }
-    return run_one(Stmt(q["claim_jobs"], params), _claimed)
+    claim = Stmt(q["claim_jobs"], params)
+    if timeouts is None:
+        return run_one(claim, _claimed)
+    return _bounded_claim(q, claim, timeouts)
+
+
+def _bounded_claim(
+    q: Mapping[str, Rendered], claim: Stmt, timeouts: ClaimTimeouts
+) -> Plan[list[ClaimedJob]]:
+    """The claim in a transaction whose first statement sets its timeouts (SET LOCAL)."""
+    yield BEGIN
+    yield Stmt(
+        q["set_claim_timeouts"],
+        {
+            "lock_timeout": _ms_text(timeouts.lock_timeout_ms),
+            "statement_timeout": _ms_text(timeouts.statement_timeout_ms),
+        },
+    )
+    rows = yield claim
+    yield COMMIT
+    return _claimed(rows)
+
+
+def _ms_text(ms: int | None) -> str | None:
+    return None if ms is None else f"{ms}ms"
 
 
 def claim_next_job(
@@ -381,8 +431,9 @@ def claim_next_job(
     kinds: object,
     lease_secs: object,
     now: datetime | None,
+    timeouts: ClaimTimeouts | None = None,
 ) -> Plan[ClaimedJob | None]:
-    plan = claim_jobs(q, slot_id, kinds, 1, lease_secs, now)
+    plan = claim_jobs(q, slot_id, kinds, 1, lease_secs, now, timeouts)
     return _single_or_none(plan)
 
 
@@ -603,7 +654,11 @@ def _fail_item(
     return (
         check_job_id(f"{prefix}job_id", job_id),
         check_epoch(f"{prefix}claim_epoch", claim_epoch),
-        (_error_text(f"{prefix}error", error), retryable, check_retry_in(retry_in)),
+        (
+            _error_text(f"{prefix}error", error),
+            retryable,
+            check_retry_in(retry_in, f"{prefix}retry_in"),
+        ),
     )
 
 

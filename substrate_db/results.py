@@ -9,6 +9,7 @@ row-level security when each source connects as its own role.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -111,10 +112,18 @@ def wait_for_result(
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
         or not 0 <= timeout <= INT_MAX
     ):
         raise InvalidArgument("timeout", timeout, "a number of seconds >= 0")
-    return _wait(q, params, float(timeout), channel, poll_secs)
+    if (
+        isinstance(poll_secs, bool)
+        or not isinstance(poll_secs, int | float)
+        or not math.isfinite(poll_secs)
+        or not 0 < poll_secs <= INT_MAX
+    ):
+        raise InvalidArgument("poll_secs", poll_secs, "a number of seconds > 0")
+    return _wait(q, params, float(timeout), channel, float(poll_secs))
 
 
 def _wait(

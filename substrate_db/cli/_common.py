@@ -265,22 +265,28 @@ def _config_target(path: str, schema: str | None, pgbouncer: bool) -> Target:
     )
 
 
-def preflight(target: Target, timeout: float = CONNECT_TIMEOUT) -> None:
+def preflight(target: Target, timeout: float = CONNECT_TIMEOUT, *, service: bool = False) -> None:
     """One direct connection before a pool is built, so an unreachable database or a bad
     password is reported at once with libpq's own words (a pool would retry quietly until
-    its timeout and then report only that it timed out)."""
+    its timeout and then report only that it timed out). A one-shot command fails on it;
+    a `service` (a worker, a loop with --every) logs it and starts anyway: its pool keeps
+    retrying, so a database that comes up later is picked up without a restart."""
     kwargs = {"connect_timeout": max(1, round(timeout)), **target.kwargs}
     try:
         with psycopg.connect(target.conninfo, autocommit=True, **kwargs):
             pass
     except psycopg.Error as exc:
-        raise Failed(f"cannot connect ({target.source}): {one_line(exc)}") from None
+        message = f"cannot connect ({target.source}): {one_line(exc)}"
+        if not service:
+            raise Failed(message) from None
+        log.warning("[substrate] %s; starting anyway, retrying in the background", message)
 
 
 @contextlib.contextmanager
-def open_client(target: Target, *, max_size: int = 1) -> Iterator[Substrate]:
-    """A `Substrate` for one command, on a small pool of its own."""
-    preflight(target)
+def open_client(target: Target, *, max_size: int = 1, service: bool = False) -> Iterator[Substrate]:
+    """A `Substrate` for one command, on a small pool of its own (`service`: see
+    `preflight`)."""
+    preflight(target, service=service)
     kwargs = {"connect_timeout": CONNECT_TIMEOUT, **target.kwargs}
     with Substrate.connect(
         target.conninfo,

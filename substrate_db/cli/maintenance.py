@@ -82,7 +82,7 @@ def recover_leases(
     "failed", "requeued_ids", "failed_ids", "standing_by"}.
     """
     target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
-    with open_client(target) as client:
+    with open_client(target, service=every is not None) as client:
 
         def one_pass() -> None:
             try:
@@ -101,7 +101,8 @@ def recover_leases(
         loop(every, one_pass)
 
 
-_DURATION = re.compile(r"(\d+)([smhdw])")
+# ASCII digits only: str.isdigit() and \d also accept digits such as '²' that int() refuses.
+_DURATION = re.compile(r"(\d+)([smhdw])", re.ASCII)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -114,7 +115,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, int):
             return value
         text = str(value).strip().lower()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             return int(text)
         pos, total = 0, 0
         for match in _DURATION.finditer(text):

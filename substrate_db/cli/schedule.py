@@ -172,7 +172,7 @@ def tick(
     "schedules": [{"name", "enabled", "next_run_at"}]}, one per line with --every.
     """
     target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
-    with open_client(target) as client:
+    with open_client(target, service=every is not None) as client:
         q = queries(client)
 
         def one_pass() -> None:

@@ -109,7 +109,7 @@ def worker(
         burst=burst,
     )
     target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
-    preflight(target)
+    preflight(target, service=True)
 
     def ready(w: worker_mod.Worker) -> None:
         mode = "polling (pgbouncer)" if not w.options.listen else "listening"

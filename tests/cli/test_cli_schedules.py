@@ -154,8 +154,11 @@ def test_concurrent_tickers_enqueue_each_run_once(substrate: Substrate) -> None:
     lock = threading.Lock()
 
     def ticker() -> None:
-        barrier.wait()
         for step in range(3):  # three grid points, every ticker ticks each
+            # All tickers start a grid point together. Without this, a ticker that is
+            # already at the next grid point legitimately coalesces a run that a slower
+            # ticker still held locked: missed runs collapse into one, by design.
+            barrier.wait()
             got = substrate.run(tick(Q, t0 + timedelta(seconds=60 * step), page_size=7))
             with lock:
                 runs.extend(r.job_id for r in got.runs if r.job_id is not None)

@@ -147,12 +147,6 @@ def test_intake_tick_while_postgres_is_down_skips_then_resumes(
         assert tick.job_id == job_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`substrate-db worker` runs a pre-flight connection and exits 1 when Postgres "
-    "is down at start; issue 6 wants workers to log, back off and resume (fix: in the "
-    "worker command, log the pre-flight failure and start anyway; the pool retries)",
-)
 def test_cli_worker_started_while_postgres_is_down_resumes(
     own_postgres: ControlledPostgres,
 ) -> None:
@@ -334,14 +328,6 @@ def test_claim_timeout_is_a_typed_error(substrate_dsn: str, options: str, sqlsta
         assert job is not None and job.claim_epoch == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: translate_errors maps every psycopg.OperationalError to ConnectionFailed, "
-    "and psycopg files lock_not_available (55P03) and query_canceled (57014) under "
-    "OperationalError, so a timeout reads as a lost connection (the intake then reports "
-    "db-unreachable). Fix: ConnectionFailed only for sqlstate None, class 08 and 57P0x "
-    "(admin shutdown, crash, cannot connect now); other OperationalErrors -> DatabaseError",
-)
 def test_claim_timeout_is_not_a_connection_failure(substrate_dsn: str) -> None:
     with Substrate.connect(
         substrate_dsn, kwargs={"options": "-c lock_timeout=50"}, max_size=1
@@ -412,14 +398,6 @@ def test_role_timeouts_bound_the_claim_behind_pgbouncer(own_postgres: Controlled
         bouncer.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="MISSING FEATURE: claim-path timeouts are only configurable through libpq "
-    "options (refused by PgBouncer) or role settings (which bind every statement of the "
-    "role); proposed: Substrate.connect(..., lock_timeout=, statement_timeout=) applied "
-    "with SET LOCAL in the claim's transaction, PgBouncer-safe",
-)
 def test_claim_timeouts_are_a_client_option(pgbouncer_dsn: str, substrate_dsn: str) -> None:
     with Substrate.connect(
         pgbouncer_dsn, pgbouncer=True, lock_timeout=0.1, statement_timeout=5

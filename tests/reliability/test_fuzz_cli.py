@@ -162,13 +162,6 @@ def test_bad_cli_input_exits_2_and_changes_nothing(seeded: Seeded, case: CliCase
     check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the CLI's Duration type accepts str.isdigit() text, which includes "
-    "superscripts such as '²' that int() refuses, so `prune --older-than ²` exits 1 with "
-    "'internal error: ValueError' instead of a usage error (fix: text.isascii() and "
-    "text.isdigit(), and compile _DURATION with re.ASCII)",
-)
 def test_prune_refuses_non_decimal_digits_as_a_usage_error(seeded: Seeded) -> None:
     result = CliRunner().invoke(cli, ["--dsn", seeded.dsn, "prune", "--older-than", "²"])
     assert fingerprint(seeded.check_conn) == seeded.before

@@ -378,12 +378,6 @@ def test_bad_input_raises_invalid_argument_and_changes_nothing(seeded: Seeded, c
     check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: core.check_retry_in always reports the field as `retry_in`, so a bad item "
-    "in a fail_jobs batch is not named (fix: pass the prefixed field name, as the other "
-    "checks of _fail_item do)",
-)
 def test_fail_jobs_names_the_item_of_a_bad_retry_in(seeded: Seeded) -> None:
     """In a batch, every other field is named with its item (`jobs[0].retryable`)."""
     with pytest.raises(InvalidArgument) as caught:
@@ -392,13 +386,6 @@ def test_fail_jobs_names_the_item_of_a_bad_retry_in(seeded: Seeded) -> None:
     assert caught.value.field == "jobs[0].retry_in"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wait_for_result does not validate poll_secs: 0, NaN or inf spin on the "
-    "database until the timeout, '1' raises TypeError, -1 raises ValueError from "
-    "time.sleep behind PgBouncer (fix: check poll_secs is a finite number > 0 in "
-    "results.wait_for_result, like timeout)",
-)
 def test_wait_for_result_refuses_a_bad_poll_interval(seeded: Seeded) -> None:
     """poll_secs <= 0 would spin (0) or hand a negative timeout to the driver."""
     for bad in (0, -1, math.nan, math.inf, "1", True):

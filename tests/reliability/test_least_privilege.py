@@ -177,13 +177,6 @@ def test_worker_cannot_migrate(roles: tuple[ControlledPostgres, str, str]) -> No
         assert fingerprint(check) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="migrate() always runs CREATE SCHEMA IF NOT EXISTS, which Postgres checks "
-    "against the database's CREATE privilege even when the schema exists, so an owner "
-    "given only a pre-created schema cannot migrate (fix: create the schema only when "
-    "to_regnamespace() finds none)",
-)
 def test_owner_of_a_precreated_schema_needs_no_database_privilege() -> None:
     with ControlledPostgres() as server:
         server.create_database("app2", migrate=False)
