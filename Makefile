@@ -38,6 +38,11 @@ lint: $(VENV)/.dev
 wheel-check: $(VENV)/.dev
 	bash .ci/wheel-check
 
+## chaos: the chaos run at a larger size (make chaos SIZE=50000 WORKERS=8).
+chaos: $(VENV)/.dev
+	SUBSTRATE_CHAOS_JOBS=$(or $(SIZE),20000) SUBSTRATE_CHAOS_WORKERS=$(or $(WORKERS),6) \
+		$(PY) -m pytest tests/chaos/test_chaos.py -s -p no:cacheprovider
+
 ## bench: the benchmark harness (peers in their own venv).
 bench: $(VENV)/.dev
 	$(PY) -m bench $(BENCH_ARGS)
