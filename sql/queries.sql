@@ -317,6 +317,11 @@ RETURNING j.id, j.state;
 SELECT pg_try_advisory_xact_lock(hashtextextended('substrate-recovery:' || %(schema)s, 0)) AS got;
 
 
+-- name: db_now :one
+-- The clock every lease, run_at and backoff is measured by.
+SELECT now() AS now;
+
+
 -- name: get_job :one
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 

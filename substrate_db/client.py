@@ -542,6 +542,11 @@ class Substrate:
 
     # -- reads and cancel -------------------------------------------------------------
 
+    def db_now(self) -> datetime:
+        """Postgres' `now()`: the clock leases, run_at and backoff are measured by (pass
+        it, moved, as `now=` to move time in tests)."""
+        return self.run(core.db_now(self._q))
+
     def get_job(self, job_id: int) -> Job | None:
         """The job with this id, or None."""
         return self.run(core.get_job(self._q, job_id))
@@ -822,6 +827,10 @@ class AsyncSubstrate:
     ) -> RecoveryResult | None:
         plan = core.release_expired_leases(self._q, limit, now, exclusive_schema=self._schema)
         return await self.run(plan)
+
+    @_doc(Substrate.db_now)
+    async def db_now(self) -> datetime:
+        return await self.run(core.db_now(self._q))
 
     @_doc(Substrate.get_job)
     async def get_job(self, job_id: int) -> Job | None:

@@ -168,17 +168,21 @@ def to_json(field: str, value: object) -> str:
     return text
 
 
-def check_retry_in(value: object, field: str = "retry_in") -> float | None:
-    if value is None:
-        return None
+def check_seconds(field: str, value: object, *, low: float = 0.0, above: bool = False) -> float:
+    """A finite number of seconds, >= low (or > low with `above`), at most ~68 years."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or not 0 <= value <= MAX_LEASE_SECS
+        or not (value > low if above else value >= low)
+        or value > MAX_LEASE_SECS
     ):
-        raise InvalidArgument(field, value, "None or a number of seconds >= 0")
+        raise InvalidArgument(field, value, f"a number of seconds {'>' if above else '>='} {low:g}")
     return float(value)
+
+
+def check_retry_in(value: object, field: str = "retry_in") -> float | None:
+    return None if value is None else check_seconds(field, value)
 
 
 def check_schema(value: object) -> str:
@@ -369,14 +373,10 @@ class ClaimTimeouts:
         def ms(field: str, value: object) -> int | None:
             if value is None:
                 return None
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or not 0.001 <= value <= INT_MAX / 1000
-            ):
-                raise InvalidArgument(field, value, "None or a number of seconds >= 0.001")
-            return max(1, round(value * 1000))
+            seconds = check_seconds(field, value, low=0.001)
+            if seconds > INT_MAX / 1000:  # Postgres takes at most INT_MAX milliseconds
+                raise InvalidArgument(field, value, f"at most {INT_MAX // 1000} seconds")
+            return max(1, round(seconds * 1000))
 
         timeouts = cls(ms("lock_timeout", lock_timeout), ms("statement_timeout", statement_timeout))
         return None if timeouts == cls() else timeouts
@@ -815,6 +815,10 @@ def _release_plan(
 
 def _job_or_none(row: Mapping[str, Any] | None) -> Job | None:
     return None if row is None else Job.model_construct(**{**row, "state": JobState(row["state"])})
+
+
+def db_now(q: Mapping[str, Rendered]) -> Plan[datetime]:
+    return run_one(Stmt(q["db_now"]), lambda row: row["now"])
 
 
 def get_job(q: Mapping[str, Rendered], job_id: object) -> Plan[Job | None]:

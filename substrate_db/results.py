@@ -9,7 +9,6 @@ row-level security when each source connects as its own role.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -28,8 +27,8 @@ from .core import (
     check_int,
     check_job_id,
     check_name,
+    check_seconds,
 )
-from .errors import InvalidArgument
 from .loglines import logger
 from .models import JobOutcome, JobState
 
@@ -109,21 +108,9 @@ def wait_for_result(
     of another source (logged) or one that does not exist; raises TimeoutError when the
     job did not finish within `timeout` seconds."""
     params = {"id": check_job_id("job_id", job_id), "source_id": check_name("source_id", source_id)}
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or not 0 <= timeout <= INT_MAX
-    ):
-        raise InvalidArgument("timeout", timeout, "a number of seconds >= 0")
-    if (
-        isinstance(poll_secs, bool)
-        or not isinstance(poll_secs, int | float)
-        or not math.isfinite(poll_secs)
-        or not 0 < poll_secs <= INT_MAX
-    ):
-        raise InvalidArgument("poll_secs", poll_secs, "a number of seconds > 0")
-    return _wait(q, params, float(timeout), channel, float(poll_secs))
+    seconds = check_seconds("timeout", timeout)
+    poll = check_seconds("poll_secs", poll_secs, above=True)
+    return _wait(q, params, seconds, channel, poll)
 
 
 def _wait(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -13,13 +13,6 @@ import pytest
 from substrate_db import JobState, Substrate, WriteBackReason
 from substrate_db._queries import load_migrations
 from substrate_db.errors import MigrationChecksumMismatch
-
-
-def _db_now(substrate: Substrate) -> datetime:
-    with substrate.pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -56,7 +49,7 @@ def test_eight_claimers_claim_each_job_exactly_once(substrate_dsn: str, batch: i
 
 
 def test_stale_executor_is_refused_and_changes_nothing(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("long", now=now)
     old = substrate.claim_next_job("slot-old", ["long"], lease_secs=30, now=now)
     assert old is not None
@@ -87,7 +80,7 @@ def test_stale_executor_is_refused_and_changes_nothing(substrate: Substrate) -> 
 
 
 def test_write_back_after_lease_expiry_but_before_reclaim_is_applied(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("slow", now=now)
     job = substrate.claim_next_job("s", ["slow"], lease_secs=1, now=now)
     assert job is not None
@@ -99,7 +92,7 @@ def test_rescuer_never_touches_a_job_completed_meanwhile(
     substrate: Substrate, substrate_dsn: str
 ) -> None:
     """River #1302/#1373: a rescuer matching on id alone overwrote a completed job."""
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("race", now=now)
     job = substrate.claim_next_job("s", ["race"], lease_secs=1, now=now)
     assert job is not None
@@ -119,7 +112,7 @@ def test_rescuer_never_touches_a_job_completed_meanwhile(
 def test_rescuer_then_executor_the_executor_loses(substrate: Substrate, substrate_dsn: str) -> None:
     """The other order: recovery holds the row; the executor's write-back waits, then
     sees the row was released (not running) and is refused."""
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("race", now=now)
     job = substrate.claim_next_job("s", ["race"], lease_secs=1, now=now)
     assert job is not None

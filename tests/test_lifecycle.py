@@ -11,13 +11,6 @@ from substrate_db import AsyncSubstrate, JobState, Substrate, WriteBackReason
 from substrate_db._queries import load_migrations
 
 
-def _db_now(substrate: Substrate) -> datetime:
-    with substrate.pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
-
-
 def test_lifecycle_sync(substrate: Substrate) -> None:
     job_id = substrate.enqueue("email", {"to": "a@example.com"}, priority=2, max_attempts=3)
     job = substrate.get_job(job_id)
@@ -87,7 +80,7 @@ async def test_lifecycle_async(async_substrate: AsyncSubstrate) -> None:
 
 
 def test_claim_order_priority_run_at_id(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     later = substrate.enqueue("k", priority=0, run_at=now - timedelta(seconds=1))
     first = substrate.enqueue("k", priority=-5, run_at=now)
     earliest = substrate.enqueue("k", priority=0, run_at=now - timedelta(seconds=10))
@@ -111,7 +104,7 @@ def test_batch_claim_order(substrate: Substrate) -> None:
 
 
 def test_future_run_at_is_not_claimable_until_due(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("later", run_at=now + timedelta(hours=1))
     assert substrate.claim_next_job("s", ["later"]) is None
     assert substrate.claim_next_job("s", ["later"], now=now + timedelta(minutes=59)) is None
@@ -180,7 +173,7 @@ async def test_transactional_enqueue_async(
 
 
 def test_retries_then_final_failure(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     job_id = substrate.enqueue("flaky", max_attempts=3)
     for attempt in (1, 2):
         job = substrate.claim_next_job("s", ["flaky"], now=now + timedelta(days=attempt))
@@ -209,7 +202,7 @@ def test_retries_then_final_failure(substrate: Substrate) -> None:
 
 
 def test_retry_in_and_not_retryable(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     a = substrate.enqueue("r", now=now)
     job = substrate.claim_next_job("s", ["r"], now=now)
     assert job is not None
@@ -242,7 +235,7 @@ def test_cancel(substrate: Substrate) -> None:
 
 
 def test_release_requeues_or_fails_spent_jobs(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     keep = substrate.enqueue("l", max_attempts=2, now=now)
     spent = substrate.enqueue("l", max_attempts=1, now=now)
     jobs = substrate.claim_jobs("dead-slot", ["l"], 2, lease_secs=10, now=now)
@@ -261,7 +254,7 @@ def test_release_requeues_or_fails_spent_jobs(substrate: Substrate) -> None:
 
 
 def test_release_limit_and_paging(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     substrate.enqueue_many([{"kind": "p"} for _ in range(25)], now=now)
     assert len(substrate.claim_jobs("s", ["p"], 25, lease_secs=1, now=now)) == 25
     later = now + timedelta(seconds=5)
@@ -279,7 +272,7 @@ def test_release_limit_and_paging(substrate: Substrate) -> None:
 def test_exclusive_recovery_stands_by_while_another_owner_works(
     substrate: Substrate, substrate_dsn: str
 ) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     substrate.enqueue("e", now=now)
     assert substrate.claim_next_job("s", ["e"], lease_secs=1, now=now) is not None
     with psycopg.connect(substrate_dsn) as other, other.transaction():

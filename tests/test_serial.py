@@ -8,18 +8,11 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from substrate_db import JobState, Substrate
-
-
-def _db_now(substrate: Substrate) -> datetime:
-    with substrate.pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("batch", [1, 10])
@@ -101,7 +94,7 @@ def test_a_busy_key_does_not_starve_other_work(substrate: Substrate) -> None:
 
 @pytest.mark.parametrize("exit_path", ["fail_retry", "fail_final", "cancel", "recover"])
 def test_every_exit_from_running_frees_the_key(substrate: Substrate, exit_path: str) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     first, second = substrate.enqueue_many(
         [{"kind": "k", "serial_key": "x", "max_attempts": 2}] * 2, now=now
     )

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -24,13 +24,6 @@ from substrate_db import (
     WriteBackReason,
 )
 from substrate_db.slots import beat_interval, clamp_interval, judge_failure
-
-
-def _db_now(substrate: Substrate) -> datetime:
-    with substrate.pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -51,10 +44,10 @@ def test_failure_policy() -> None:
 
 def test_beat_lands_with_postgres_time(substrate: Substrate) -> None:
     status = SlotStatus("slot-a", ["email", "sms"], interval_secs=10)
-    before = _db_now(substrate)
+    before = substrate.db_now()
     hb = SlotHeartbeat(substrate, status)
     assert hb.beat() == []
-    after = _db_now(substrate)
+    after = substrate.db_now()
     (slot,) = substrate.list_slots()
     assert slot.slot_id == "slot-a" and slot.kinds == ["email", "sms"]
     assert before <= slot.last_seen <= after
@@ -104,7 +97,7 @@ def test_error_rate_and_in_flight(substrate: Substrate) -> None:
 
 
 def test_beat_extends_leases_and_reports_lost_ones(substrate: Substrate) -> None:
-    now = _db_now(substrate)
+    now = substrate.db_now()
     keep, lose = substrate.enqueue_many([{"kind": "k"}, {"kind": "k"}], now=now)
     jobs = {j.id: j for j in substrate.claim_jobs("slot-l", ["k"], 2, lease_secs=30, now=now)}
     lost: list[int] = []

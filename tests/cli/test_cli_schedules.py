@@ -20,13 +20,6 @@ FIXTURE = HERE.parent.parent / "fixtures" / "heartbeat.schedule.json"
 Q = rendered_queries("substrate")
 
 
-def _db_now(substrate: Substrate) -> datetime:
-    with substrate.pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
-
-
 def _write(tmp_path: Path, **spec: Any) -> Path:
     path = tmp_path / f"{spec.get('name', 'x')}.schedule.json"
     path.write_text(json.dumps(spec))
@@ -108,7 +101,7 @@ def test_bad_schedule_files_exit_2(
 
 
 def test_upsert_recomputes_next_run_from_the_new_interval(substrate: Substrate) -> None:
-    t0 = _db_now(substrate)
+    t0 = substrate.db_now()
     spec = ScheduleSpec(name="s", kind="k", interval_secs=600)
     made = substrate.run(upsert(Q, spec, t0))
     assert made.created and made.schedule.next_run_at == t0  # new: due at once
@@ -132,7 +125,7 @@ def test_upsert_recomputes_next_run_from_the_new_interval(substrate: Substrate) 
 
 
 def test_missed_runs_coalesce_into_one(substrate: Substrate) -> None:
-    t0 = _db_now(substrate)
+    t0 = substrate.db_now()
     substrate.run(upsert(Q, ScheduleSpec(name="c", kind="coal", interval_secs=60), t0))
     substrate.run(tick(Q, t0))
     # Nobody ticked for ten and a half intervals: one run, for the latest grid point.
@@ -146,7 +139,7 @@ def test_missed_runs_coalesce_into_one(substrate: Substrate) -> None:
 
 
 def test_concurrent_tickers_enqueue_each_run_once(substrate: Substrate) -> None:
-    t0 = _db_now(substrate)
+    t0 = substrate.db_now()
     for i in range(150):
         substrate.run(upsert(Q, ScheduleSpec(name=f"s{i}", kind="race", interval_secs=60), t0))
     barrier = threading.Barrier(8)
@@ -177,7 +170,7 @@ def test_concurrent_tickers_enqueue_each_run_once(substrate: Substrate) -> None:
 def test_two_tick_processes_enqueue_each_due_run_once(
     spawn_cli: Spawn, substrate_dsn: str, substrate: Substrate
 ) -> None:
-    t0 = _db_now(substrate)
+    t0 = substrate.db_now()
     for i in range(300):
         substrate.run(upsert(Q, ScheduleSpec(name=f"p{i}", kind="proc", interval_secs=3600), t0))
     procs = [spawn_cli("--dsn", substrate_dsn, "schedule-tick", "--json") for _ in range(2)]
