@@ -72,6 +72,7 @@ class SlotHeartbeat(LeaseTracking[threading.Event]):
         self.status = status
         self.lease_secs = _check_lease(lease_secs)
         self._book = LeaseBook(threading.Event)
+        self._conn_lock = threading.Lock()
         self._substrate = substrate
         self._on_lost = on_lost
         self._connect = connect or self._connect_like_pool
@@ -132,13 +133,16 @@ class SlotHeartbeat(LeaseTracking[threading.Event]):
         return lost
 
     def _run(self, plan: Any) -> Any:
-        with translate_errors():
+        # One statement batch at a time on the heartbeat's connection: the loop and a
+        # caller's beat() (or stop()) may overlap, and a pipeline must not be shared.
+        with self._conn_lock, translate_errors():
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
             return drive(self._conn, plan)
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -185,6 +189,7 @@ class AsyncSlotHeartbeat(LeaseTracking[asyncio.Event]):
         self.status = status
         self.lease_secs = _check_lease(lease_secs)
         self._book = LeaseBook(asyncio.Event)
+        self._conn_lock = asyncio.Lock()
         self._substrate = substrate
         self._on_lost = on_lost
         self._connect = connect or self._connect_like_pool
@@ -243,13 +248,15 @@ class AsyncSlotHeartbeat(LeaseTracking[asyncio.Event]):
         return lost
 
     async def _run(self, plan: Any) -> Any:
-        with translate_errors():
-            if self._conn is None or self._conn.closed:
-                self._conn = await self._connect()
-            return await adrive(self._conn, plan)
+        async with self._conn_lock:  # see SlotHeartbeat._run
+            with translate_errors():
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect()
+                return await adrive(self._conn, plan)
 
     async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        async with self._conn_lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()

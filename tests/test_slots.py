@@ -3,6 +3,7 @@ heartbeat that never dies."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -197,11 +198,25 @@ async def test_async_heartbeat(async_substrate: AsyncSubstrate) -> None:
 
     hb = AsyncSlotHeartbeat(async_substrate, status, lease_secs=30, on_lost=on_lost)
     event = hb.track(job)
-    async with hb:
-        assert await hb.beat() == []
-        (slot,) = await async_substrate.list_slots()
-        assert slot.jobs_in_flight == 1
-        await async_substrate.cancel_job(job_id)
-        assert [r.job_id for r in await hb.beat()] == [job_id]
+    # Beats driven by hand (the task is not started, so it cannot report first).
+    assert await hb.beat() == []
+    (slot,) = await async_substrate.list_slots()
+    assert slot.jobs_in_flight == 1
+    await async_substrate.cancel_job(job_id)
+    assert [r.job_id for r in await hb.beat()] == [job_id]
     assert lost == [job_id] and event.is_set()
+    await hb.stop()
+    assert (await async_substrate.list_slots())[0].state == SlotState.GONE
+
+
+async def test_async_heartbeat_task_beats_until_stopped(async_substrate: AsyncSubstrate) -> None:
+    status = SlotStatus("slot-task", ["k"])
+    async with AsyncSlotHeartbeat(async_substrate, status) as hb:
+        hb._every = 0.02
+        for _ in range(500):
+            slots = await async_substrate.list_slots()
+            if slots and slots[0].beats >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert slots[0].beats >= 3 and slots[0].state == SlotState.HEALTHY
     assert (await async_substrate.list_slots())[0].state == SlotState.GONE
