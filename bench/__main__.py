@@ -1,0 +1,5 @@
+"""`python -m bench`: see `bench.harness`."""
+
+from .harness import main
+
+raise SystemExit(main())
