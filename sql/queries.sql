@@ -131,8 +131,9 @@ claimed AS (
         claimed_by = %(slot_id)s,
         lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
         updated_at = coalesce(%(now)s::timestamptz, now())
-    FROM picked
-    WHERE j.id = picked.id
+    -- `= ANY(ARRAY(...))`, not a join with picked: the join's generic plan is a hash join
+    -- over the whole table, so Postgres would plan the claim anew on every call.
+    WHERE j.id = ANY(ARRAY(SELECT picked.id FROM picked))
     RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
               j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
               j.source_id, j.serial_key
@@ -160,125 +161,95 @@ SELECT set_config('lock_timeout',
 
 -- name: complete_jobs :many
 -- Fenced completion of a batch: a job is completed only while it is still running under
--- the presented epoch. `cur` locks each row first (ids arrive sorted, so concurrent
--- batches lock in one order and cannot deadlock) and reads its newest version, so the
--- reason reported for a refused write is the row's real state, not a stale snapshot.
--- One row per input, in input order.
-WITH input AS MATERIALIZED (
+-- the presented epoch. The UPDATE re-checks its WHERE clause on the newest version of a
+-- row another transaction changed meanwhile (READ COMMITTED), so a job reclaimed,
+-- finished or cancelled concurrently is never overwritten. Rows are found through
+-- `id = ANY(ids)`, an index scan even in a generic plan, and locked in one order by
+-- every batch, so two batches cannot deadlock. Returns the applied rows only; the caller
+-- reads the refused ones afterwards (`writeback_status`) to say why.
+WITH input AS (
     SELECT t.ord, t.id, t.epoch, t.result
     FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[], %(results)s::text[])
          WITH ORDINALITY AS t(id, epoch, result, ord)
-),
-cur AS MATERIALIZED (
-    SELECT input.ord, input.id, input.epoch, input.result, locked.state, locked.claim_epoch
-    FROM input
-    LEFT JOIN LATERAL (
-        SELECT j.state, j.claim_epoch FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
-    ) AS locked ON true
-),
-done AS (
-    UPDATE {schema}.jobs j
-    SET state = 'completed',
-        result = cur.result::jsonb,
-        lease_expires_at = NULL,
-        finished_at = coalesce(%(now)s::timestamptz, now()),
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    FROM cur
-    WHERE j.id = cur.id
-      AND cur.epoch > 0
-      AND j.state = 'running'
-      AND j.claim_epoch = cur.epoch
-    RETURNING j.id, j.state, j.lease_expires_at
 )
-SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
-       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
-       done.lease_expires_at
-FROM cur
-LEFT JOIN done ON done.id = cur.id
-ORDER BY cur.ord;
+UPDATE {schema}.jobs j
+SET state = 'completed',
+    result = input.result::jsonb,
+    lease_expires_at = NULL,
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM input
+WHERE j.id = ANY(%(ids)s::bigint[])
+  AND j.id = input.id
+  AND input.epoch > 0
+  AND j.state = 'running'
+  AND j.claim_epoch = input.epoch
+RETURNING input.ord, j.id, j.state, j.claim_epoch, j.lease_expires_at;
 
 
 -- name: fail_jobs :many
--- Fenced failure of a batch, locked like complete_jobs. A retryable failure with attempts
--- left goes back to `available`, its run_at moved by retry_in seconds or, when retry_in is
--- NULL, by the backoff 15 s + attempts^4 s (attempts capped at 10) with +-10%% jitter so a
--- burst of failures does not return as a burst. Otherwise the job ends `failed`.
-WITH input AS MATERIALIZED (
+-- Fenced failure of a batch, found and fenced like complete_jobs. A retryable failure
+-- with attempts left goes back to `available`, its run_at moved by retry_in seconds or,
+-- when retry_in is NULL, by the backoff 15 s + attempts^4 s (attempts capped at 10) with
+-- +-10%% jitter so a burst of failures does not return as a burst. Otherwise the job ends
+-- `failed`. Returns the applied rows only.
+WITH input AS (
     SELECT t.ord, t.id, t.epoch, t.error, t.retryable, t.retry_in
     FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[], %(errors)s::text[],
                 %(retryables)s::boolean[], %(retry_ins)s::double precision[])
          WITH ORDINALITY AS t(id, epoch, error, retryable, retry_in, ord)
-),
-cur AS MATERIALIZED (
-    SELECT input.*, locked.state, locked.claim_epoch, locked.attempts, locked.max_attempts
-    FROM input
-    LEFT JOIN LATERAL (
-        SELECT j.state, j.claim_epoch, j.attempts, j.max_attempts
-        FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
-    ) AS locked ON true
-),
-done AS (
-    UPDATE {schema}.jobs j
-    SET state = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
-                     THEN 'available' ELSE 'failed' END,
-        run_at = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
-                      THEN coalesce(%(now)s::timestamptz, now()) + make_interval(secs =>
-                           coalesce(cur.retry_in,
-                                    (15 + power(least(j.attempts, 10), 4)) * (0.9 + 0.2 * random())))
-                      ELSE j.run_at END,
-        claimed_by = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
-                          THEN NULL ELSE j.claimed_by END,
-        last_error = cur.error,
-        lease_expires_at = NULL,
-        finished_at = CASE WHEN cur.retryable AND j.attempts < j.max_attempts
-                           THEN NULL ELSE coalesce(%(now)s::timestamptz, now()) END,
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    FROM cur
-    WHERE j.id = cur.id
-      AND cur.epoch > 0
-      AND j.state = 'running'
-      AND j.claim_epoch = cur.epoch
-    RETURNING j.id, j.state, j.lease_expires_at
 )
-SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
-       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
-       done.lease_expires_at
-FROM cur
-LEFT JOIN done ON done.id = cur.id
-ORDER BY cur.ord;
+UPDATE {schema}.jobs j
+SET state = CASE WHEN input.retryable AND j.attempts < j.max_attempts
+                 THEN 'available' ELSE 'failed' END,
+    run_at = CASE WHEN input.retryable AND j.attempts < j.max_attempts
+                  THEN coalesce(%(now)s::timestamptz, now()) + make_interval(secs =>
+                       coalesce(input.retry_in,
+                                (15 + power(least(j.attempts, 10), 4)) * (0.9 + 0.2 * random())))
+                  ELSE j.run_at END,
+    claimed_by = CASE WHEN input.retryable AND j.attempts < j.max_attempts
+                      THEN NULL ELSE j.claimed_by END,
+    last_error = input.error,
+    lease_expires_at = NULL,
+    finished_at = CASE WHEN input.retryable AND j.attempts < j.max_attempts
+                       THEN NULL ELSE coalesce(%(now)s::timestamptz, now()) END,
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM input
+WHERE j.id = ANY(%(ids)s::bigint[])
+  AND j.id = input.id
+  AND input.epoch > 0
+  AND j.state = 'running'
+  AND j.claim_epoch = input.epoch
+RETURNING input.ord, j.id, j.state, j.claim_epoch, j.lease_expires_at;
 
 
 -- name: extend_leases :many
 -- The heartbeat: fenced like every write-back. The lease itself is not part of the
 -- fence, so a lease that expired but was not yet reclaimed can still be extended.
-WITH input AS MATERIALIZED (
+-- Returns the applied rows only.
+WITH input AS (
     SELECT t.ord, t.id, t.epoch
     FROM unnest(%(ids)s::bigint[], %(epochs)s::bigint[]) WITH ORDINALITY AS t(id, epoch, ord)
-),
-cur AS MATERIALIZED (
-    SELECT input.ord, input.id, input.epoch, locked.state, locked.claim_epoch
-    FROM input
-    LEFT JOIN LATERAL (
-        SELECT j.state, j.claim_epoch FROM {schema}.jobs j WHERE j.id = input.id FOR UPDATE
-    ) AS locked ON true
-),
-done AS (
-    UPDATE {schema}.jobs j
-    SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    FROM cur
-    WHERE j.id = cur.id
-      AND cur.epoch > 0
-      AND j.state = 'running'
-      AND j.claim_epoch = cur.epoch
-    RETURNING j.id, j.state, j.lease_expires_at
 )
-SELECT cur.ord, cur.id, cur.epoch, done.id IS NOT NULL AS applied,
-       coalesce(done.state, cur.state) AS state, cur.claim_epoch AS actual_epoch,
-       done.lease_expires_at
-FROM cur
-LEFT JOIN done ON done.id = cur.id
-ORDER BY cur.ord;
+UPDATE {schema}.jobs j
+SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM input
+WHERE j.id = ANY(%(ids)s::bigint[])
+  AND j.id = input.id
+  AND input.epoch > 0
+  AND j.state = 'running'
+  AND j.claim_epoch = input.epoch
+RETURNING input.ord, j.id, j.state, j.claim_epoch, j.lease_expires_at;
+
+
+-- name: writeback_status :many
+-- Why write-backs were refused: the state and epoch of those jobs now. A statement of
+-- its own, so it sees what committed after the refused UPDATE began (a job that does not
+-- exist has no row).
+SELECT j.id, j.state, j.claim_epoch
+FROM {schema}.jobs j
+WHERE j.id = ANY(%(ids)s::bigint[]);
 
 
 -- name: release_expired_leases :many

@@ -445,12 +445,18 @@ def _single_or_none(plan: Plan[list[ClaimedJob]]) -> Plan[ClaimedJob | None]:
 # -- write-back -----------------------------------------------------------------------
 
 
-def writeback_result(row: Mapping[str, Any]) -> WriteBackResult:
-    """Turn one row of a fenced write-back query into its result and reason."""
-    expected = int(row["epoch"])
-    actual = row["actual_epoch"]
-    state = row["state"]
-    if row["applied"]:
+def writeback_result(
+    job_id: int,
+    expected: int,
+    applied: Mapping[str, Any] | None,
+    found: Mapping[str, Any] | None,
+) -> WriteBackResult:
+    """The result of one fenced write-back: the row it updated (`applied`), or else the
+    job as read after the refusal (`found`, None when the job does not exist)."""
+    row = applied if applied is not None else found
+    state = None if row is None else row["state"]
+    actual = None if row is None else int(row["claim_epoch"])
+    if applied is not None:
         reason = WriteBackReason.APPLIED
     elif state is None:
         reason = WriteBackReason.NOT_FOUND
@@ -461,13 +467,13 @@ def writeback_result(row: Mapping[str, Any]) -> WriteBackResult:
     else:
         reason = WriteBackReason.NOT_RUNNING
     return WriteBackResult.model_construct(
-        job_id=int(row["id"]),
-        ok=bool(row["applied"]),
+        job_id=job_id,
+        ok=applied is not None,
         reason=reason,
         expected_epoch=expected,
-        actual_epoch=None if actual is None else int(actual),
+        actual_epoch=actual,
         state=None if state is None else JobState(state),
-        lease_expires_at=row["lease_expires_at"],
+        lease_expires_at=None if applied is None else applied["lease_expires_at"],
     )
 
 
@@ -481,22 +487,37 @@ def _check_distinct(items: Sequence[tuple[int, int, Any]], field: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PreparedWriteBack:
-    """A batch write-back ready to run: its statement (None for an empty batch) and how
-    to map the statement's rows back to the caller's order. Plans that send the write-back
-    alongside other statements (the slot heartbeat) use it directly."""
+    """A batch write-back ready to run: its statement (None for an empty batch), the
+    batch sorted by job id, and how to hand results back in the caller's order. Plans
+    that send the write-back alongside other statements (the slot heartbeat) send `stmt`
+    themselves and then `yield from finish(rows)`."""
 
     stmt: Stmt | None
+    status: Rendered
     order: list[int]
+    ids: list[int]
+    epochs: list[int]
 
-    def results(self, rows: Iterable[Mapping[str, Any]]) -> list[WriteBackResult]:
-        results: list[WriteBackResult | None] = [None] * len(self.order)
-        for row in rows:
-            results[self.order[int(row["ord"]) - 1]] = writeback_result(row)
+    def finish(self, rows: Iterable[Mapping[str, Any]]) -> Plan[list[WriteBackResult]]:
+        """Results from the applied rows; the refused jobs are read once more (only when
+        there are any) so each refusal says why, from the job's current state."""
+        applied = {int(row["ord"]) - 1: row for row in rows}
+        refused = [self.ids[k] for k in range(len(self.ids)) if k not in applied]
+        found: dict[int, Mapping[str, Any]] = {}
+        if refused:
+            current = yield Stmt(self.status, {"ids": refused})
+            found = {int(row["id"]): row for row in current}
+        results: list[WriteBackResult | None] = [None] * len(self.ids)
+        for k, (job_id, epoch) in enumerate(zip(self.ids, self.epochs, strict=True)):
+            results[self.order[k]] = writeback_result(
+                job_id, epoch, applied.get(k), found.get(job_id)
+            )
         return [r for r in results if r is not None]
 
 
 def prepare_writeback(
-    query: Rendered,
+    q: Mapping[str, Rendered],
+    name: str,
     field: str,
     items: list[tuple[int, int, tuple[Any, ...]]],
     extra_arrays: Sequence[str],
@@ -506,28 +527,30 @@ def prepare_writeback(
     and cannot deadlock; results are handed back in the caller's order."""
     _check_distinct(items, field)
     order = sorted(range(len(items)), key=lambda i: items[i][0])
-    params["ids"] = [items[i][0] for i in order]
-    params["epochs"] = [items[i][1] for i in order]
-    for k, name in enumerate(extra_arrays):
-        params[name] = [items[i][2][k] for i in order]
-    return PreparedWriteBack(Stmt(query, params) if order else None, order)
+    params["ids"] = ids = [items[i][0] for i in order]
+    params["epochs"] = epochs = [items[i][1] for i in order]
+    for k, array in enumerate(extra_arrays):
+        params[array] = [items[i][2][k] for i in order]
+    stmt = Stmt(q[name], params) if order else None
+    return PreparedWriteBack(stmt, q["writeback_status"], order, ids, epochs)
 
 
 def _writeback_plan(
-    query: Rendered,
+    q: Mapping[str, Rendered],
+    name: str,
     field: str,
     items: list[tuple[int, int, tuple[Any, ...]]],
     extra_arrays: Sequence[str],
     params: dict[str, Any],
 ) -> Plan[list[WriteBackResult]]:
-    return _run_writeback(prepare_writeback(query, field, items, extra_arrays, params))
+    return _run_writeback(prepare_writeback(q, name, field, items, extra_arrays, params))
 
 
 def _run_writeback(prepared: PreparedWriteBack) -> Plan[list[WriteBackResult]]:
     if prepared.stmt is None:
         return []
     rows = yield prepared.stmt
-    return prepared.results(rows)
+    return (yield from prepared.finish(rows))
 
 
 DEFAULT_MAX_RESULT_BYTES: Final = 1024 * 1024
@@ -610,12 +633,12 @@ def _complete_rows(
 ) -> Plan[list[WriteBackResult]]:
     params = {"now": now}
     done = yield from _writeback_plan(
-        q["complete_jobs"], "jobs", [item for _, item in fit], ["results"], dict(params)
+        q, "complete_jobs", "jobs", [item for _, item in fit], ["results"], dict(params)
     )
     if not big:
         return done
     failed = yield from _writeback_plan(
-        q["fail_jobs"], "jobs", [item for _, item in big], _FAIL_ARRAYS, dict(params)
+        q, "fail_jobs", "jobs", [item for _, item in big], _FAIL_ARRAYS, dict(params)
     )
     merged: list[WriteBackResult | None] = [None] * (len(fit) + len(big))
     for (pos, _), result in zip(fit + big, done + failed, strict=True):
@@ -676,7 +699,7 @@ def fail_job(
 ) -> Plan[WriteBackResult]:
     item = _fail_item("", job_id, claim_epoch, error, retryable, retry_in)
     plan = _writeback_plan(
-        q["fail_jobs"], "job_id", [item], _FAIL_ARRAYS, {"now": check_aware("now", now)}
+        q, "fail_jobs", "job_id", [item], _FAIL_ARRAYS, {"now": check_aware("now", now)}
     )
     return _only(plan)
 
@@ -691,7 +714,7 @@ def fail_jobs(
         retry_in = item[4] if len(item) > 4 else None
         items.append(_fail_item(f"jobs[{i}].", item[0], item[1], item[2], retryable, retry_in))
     return _writeback_plan(
-        q["fail_jobs"], "jobs", items, _FAIL_ARRAYS, {"now": check_aware("now", now)}
+        q, "fail_jobs", "jobs", items, _FAIL_ARRAYS, {"now": check_aware("now", now)}
     )
 
 
@@ -710,7 +733,7 @@ def prepare_extend_leases(
         "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
         "now": check_aware("now", now),
     }
-    return prepare_writeback(q["extend_leases"], "jobs", items, (), params)
+    return prepare_writeback(q, "extend_leases", "jobs", items, (), params)
 
 
 def extend_leases(

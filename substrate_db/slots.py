@@ -227,7 +227,8 @@ def _beat(
     received = yield Batch(tuple(stmts))
     if prepared is None:
         return []
-    return book.settle(prepared.results(received[-1]))
+    results = yield from prepared.finish(received[-1])
+    return book.settle(results)
 
 
 def gone_plan(q: Mapping[str, Rendered], status: SlotStatus, reason: str = "stopped") -> Plan[int]:
