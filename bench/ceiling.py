@@ -17,6 +17,7 @@ execution on a connection.
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -256,7 +257,12 @@ def run_pgbench(
     for key, value in variables.items():
         argv.append(f"--define={key}={value}")
     argv.append(conninfo)
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
+    # The library's pools plan with `plan_cache_mode=force_generic_plan`
+    # (substrate_db.client.GENERIC_PLANS): the ceiling's connections do the same.
+    env = {**os.environ, "PGOPTIONS": "-c plan_cache_mode=force_generic_plan"}
+    done = subprocess.run(
+        argv, capture_output=True, text=True, check=False, timeout=seconds + 60, env=env
+    )
     if done.returncode != 0:
         raise RuntimeError(
             f"pgbench failed ({done.returncode}):\n{done.stderr[-3000:]}\n{done.stdout[-2000:]}"
