@@ -16,8 +16,8 @@ execution on a connection.
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
