@@ -355,7 +355,10 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
 
 
 def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
-    jobs = [ClaimedJob.model_construct(**row) for row in rows]
+    jobs = [
+        ClaimedJob.model_construct(**{k: v for k, v in row.items() if k != "claimed"})
+        for row in rows
+    ]
     # UPDATE ... RETURNING gives no order; hand jobs back in claim order.
     jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
     return jobs
@@ -398,27 +401,33 @@ def claim_jobs(
         "lease_secs": check_int("lease_secs", lease_secs, 1, MAX_LEASE_SECS),
         "now": check_aware("now", now),
     }
-    claim = Stmt(q["claim_jobs"], params)
-    if timeouts is None:
-        return run_one(claim, _claimed)
-    return _bounded_claim(q, claim, timeouts)
+    return _claim(q, params, timeouts)
 
 
-def _bounded_claim(
-    q: Mapping[str, Rendered], claim: Stmt, timeouts: ClaimTimeouts
+def _claim(
+    q: Mapping[str, Rendered], params: dict[str, Any], timeouts: ClaimTimeouts | None
 ) -> Plan[list[ClaimedJob]]:
-    """The claim in a transaction whose first statement sets its timeouts (SET LOCAL)."""
-    yield BEGIN
-    yield Stmt(
-        q["set_claim_timeouts"],
-        {
-            "lock_timeout": _ms_text(timeouts.lock_timeout_ms),
-            "statement_timeout": _ms_text(timeouts.statement_timeout_ms),
-        },
-    )
-    rows = yield claim
-    yield COMMIT
-    return _claimed(rows)
+    """Claim keyless jobs in one statement; only when it found candidates with a serial
+    key, a second statement takes those under their keys' locks. With timeouts, both run
+    in a transaction whose first statement sets them (SET LOCAL)."""
+    if timeouts is not None:
+        yield BEGIN
+        yield Stmt(
+            q["set_claim_timeouts"],
+            {
+                "lock_timeout": _ms_text(timeouts.lock_timeout_ms),
+                "statement_timeout": _ms_text(timeouts.statement_timeout_ms),
+            },
+        )
+    rows = yield Stmt(q["claim_jobs"], params)
+    claimed = [row for row in rows if row["claimed"]]
+    keyed = [row["id"] for row in rows if not row["claimed"]]
+    if keyed:
+        serial = {k: params[k] for k in ("slot_id", "lease_secs", "now")}
+        claimed += yield Stmt(q["claim_serial_jobs"], {**serial, "ids": keyed})
+    if timeouts is not None:
+        yield COMMIT
+    return _claimed(claimed)
 
 
 def _ms_text(ms: int | None) -> str | None:
