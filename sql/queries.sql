@@ -138,7 +138,8 @@ WHERE c.serial_key IS NOT NULL;
 -- again (SKIP LOCKED, newest version, still available), then the key rows themselves
 -- (SKIP LOCKED, newest version, running_job_id still NULL): two slots claiming at once can
 -- never both see a key free. It takes at most one job per key, the key's head, and marks
--- the key as running it.
+-- the key as running it. Its UPDATE is claim_jobs' UPDATE: change them together
+-- (tests/test_queries.py checks that they agree).
 WITH candidates AS MATERIALIZED (
     SELECT j.id, j.serial_key, j.priority, j.run_at
     FROM {schema}.jobs j
