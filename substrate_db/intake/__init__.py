@@ -24,7 +24,7 @@ Public names: `SubstrateConfig`, `SubstrateIntake`, `AsyncSubstrateIntake`,
 `SQLiteTaskQueue`, `TakenTask`, `LeaseKeeper`, `AsyncLeaseKeeper`, `IdempotencyStore`,
 `AsyncIdempotencyStore`, `IdempotencyRecord`, `job_effect_key`, the credential
 resolvers, `Secret` and `CredentialError`. The log lines are listed, with their levels,
-in `loglines`.
+in `substrate_db.loglines`.
 """
 
 from .adapter import AsyncSubstrateIntake, SubstrateIntake
