@@ -355,10 +355,8 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
 
 
 def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
-    jobs = [
-        ClaimedJob.model_construct(**{k: v for k, v in row.items() if k != "claimed"})
-        for row in rows
-    ]
+    # model_construct ignores keys that are not fields (the claim's `claimed` flag).
+    jobs = [ClaimedJob.model_construct(**row) for row in rows]
     # UPDATE ... RETURNING gives no order; hand jobs back in claim order.
     jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
     return jobs

@@ -111,13 +111,6 @@ def judge_failure(failures_in_a_row: int) -> FailureVerdict:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Beat:
-    """A snapshot of the slot row one beat sends."""
-
-    params: dict[str, Any]
-
-
 class SlotStatus:
     """What a slot reports about itself. Thread-safe: the runtime updates it from its own
     threads while the heartbeat reads it. The leases a slot carries are tracked by its
@@ -174,8 +167,10 @@ class SlotStatus:
         with self._lock:
             return self._state
 
-    def take_beat(self, in_flight: Sequence[tuple[int, int]], now: datetime | None = None) -> Beat:
-        """Snapshot the status for one beat (resetting the error-rate window). The most
+    def take_beat(
+        self, in_flight: Sequence[tuple[int, int]], now: datetime | None = None
+    ) -> dict[str, Any]:
+        """The slot row's parameters for one beat (resetting the error-rate window). The most
         recently tracked job is reported as the current one."""
         with self._lock:
             total = self._ok + self._errors
@@ -194,7 +189,7 @@ class SlotStatus:
                 "reason": self._reason,
                 "now": now,
             }
-        return Beat(params)
+        return params
 
 
 def beat_plan(
@@ -209,7 +204,7 @@ def beat_plan(
     a lease to renew) in one round trip. Returns the leases newly found lost."""
     stmts: list[Stmt] = []
     if status is not None:
-        stmts.append(Stmt(q["slot_beat"], status.take_beat(book.tracked(), now).params))
+        stmts.append(Stmt(q["slot_beat"], status.take_beat(book.tracked(), now)))
     prepared = None
     due = book.due() if lease_secs is not None else []
     if due:
