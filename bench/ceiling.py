@@ -16,7 +16,6 @@ execution on a connection.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Mapping
@@ -257,12 +256,7 @@ def run_pgbench(
     for key, value in variables.items():
         argv.append(f"--define={key}={value}")
     argv.append(conninfo)
-    # The library's pools plan with `plan_cache_mode=force_generic_plan`
-    # (substrate_db.client.GENERIC_PLANS): the ceiling's connections do the same.
-    env = {**os.environ, "PGOPTIONS": "-c plan_cache_mode=force_generic_plan"}
-    done = subprocess.run(
-        argv, capture_output=True, text=True, check=False, timeout=seconds + 60, env=env
-    )
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(
             f"pgbench failed ({done.returncode}):\n{done.stderr[-3000:]}\n{done.stdout[-2000:]}"

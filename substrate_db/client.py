@@ -98,45 +98,6 @@ def pool_kwargs(
     return {**ours, **(kwargs or {})}
 
 
-GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
-"""Run on each connection of the pools we build (not behind PgBouncer, where nothing is
-prepared). Under the default `auto`, Postgres re-plans the claim on every call (its
-generic plan's estimate, made without knowing LIMIT or the kinds, looks worse than a
-custom plan), and planning was two thirds of a claim's server time: 0.61 ms per claim
-against 0.17 ms with the generic plan (`tests/test_plan.py` pins that those generic plans
-are index scans)."""
-
-
-def _configure_generic(pgbouncer: bool, options: dict[str, Any]) -> None:
-    if pgbouncer:
-        return
-    theirs = options.pop("configure", None)
-
-    def configure(conn: Connection[Any]) -> None:
-        conn.execute(GENERIC_PLANS)
-        if not conn.autocommit:
-            conn.commit()  # a pool wants its new connections idle
-        if theirs is not None:
-            theirs(conn)
-
-    options["configure"] = configure
-
-
-def _aconfigure_generic(pgbouncer: bool, options: dict[str, Any]) -> None:
-    if pgbouncer:
-        return
-    theirs = options.pop("configure", None)
-
-    async def configure(conn: AsyncConnection[Any]) -> None:
-        await conn.execute(GENERIC_PLANS)
-        if not conn.autocommit:
-            await conn.commit()
-        if theirs is not None:
-            await theirs(conn)
-
-    options["configure"] = configure
-
-
 def _pool_sizes(options: dict[str, Any]) -> None:
     """Default to a small pool that grows on demand: one connection kept, up to ten."""
     options.setdefault("min_size", 1)
@@ -348,7 +309,6 @@ class Substrate:
         core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)  # before any I/O
         kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
         _pool_sizes(pool_options)
-        _configure_generic(pgbouncer, pool_options)
         pool = psycopg_pool.ConnectionPool(conninfo, kwargs=kwargs, open=True, **pool_options)
         client = cls(
             pool,
@@ -682,7 +642,6 @@ class AsyncSubstrate:
         core.ClaimTimeouts.from_seconds(lock_timeout, statement_timeout)  # before any I/O
         kwargs = pool_kwargs(pgbouncer, pool_options.pop("kwargs", None))
         _pool_sizes(pool_options)
-        _aconfigure_generic(pgbouncer, pool_options)
         pool = psycopg_pool.AsyncConnectionPool(conninfo, kwargs=kwargs, open=False, **pool_options)
         await pool.open()
         client = cls(

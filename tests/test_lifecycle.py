@@ -331,12 +331,3 @@ def test_connect_takes_callable_kwargs(substrate_dsn: str) -> None:
             row = conn.execute("SHOW application_name").fetchone()
         assert row == ("rotating",)
     assert calls
-
-
-def test_pools_we_build_plan_generically(substrate_dsn: str) -> None:
-    """Our pools prepare with generic plans (the claim re-planned on every call
-    otherwise); behind PgBouncer nothing is prepared, so nothing is set."""
-    with Substrate.connect(substrate_dsn) as s, s.pool.connection() as conn:
-        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_generic_plan",)
-    with Substrate.connect(substrate_dsn, pgbouncer=True) as s, s.pool.connection() as conn:
-        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
