@@ -6,8 +6,7 @@ query rendered for the bench's schema (`substrate_db._queries.rendered_queries`)
 `%(param)s` turned into the pgbench expression that the script's `-- @bind` lines give.
 A change to sql/queries.sql therefore changes the ceiling in the same run, and a new
 parameter without a binding stops the bench instead of being guessed. Other lines are
-plain pgbench SQL with `{schema}` filled in (the `proposal_*.sql` scripts, statements the
-library does not run yet, measured by `python -m bench.proposals`).
+plain pgbench SQL (and meta-commands) with `{schema}` filled in.
 
 pgbench runs in prepared mode (`-M prepared`): bound variables travel as parameters of a
 server-side prepared statement, which is what psycopg does after a statement's fifth
@@ -142,7 +141,7 @@ def render_script(name: str, schema: str) -> str:
         fold_match, query_match = _FOLD.match(stripped), _QUERY.match(stripped)
         match = fold_match or query_match
         if match is None:
-            # Plain pgbench SQL (the proposals): only the schema to fill in.
+            # Plain pgbench SQL and meta-commands: only the schema to fill in.
             out.append(render(line, schema))
             continue
         query = match.group(1)
