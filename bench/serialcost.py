@@ -1,10 +1,14 @@
 """`python -m bench.serialcost`: what the serial-key machinery costs a claim of jobs without
 a key (issue 7 asks that the plain claim's cost stay unchanged).
 
-Runs the library's claim (`claim_jobs`, with the serial-key candidates filter, key locks
-and key bookkeeping) and the same claim with those parts cut out, interleaved, one job
-per call, on one backlog of keyless jobs, under the plan cache mode our pools use
-(`force_generic_plan`) and under Postgres' default (`auto`). Not part of `make bench`.
+Runs the library's claim (`claim_jobs`) and the same statement with its two serial-key
+clauses cut out, interleaved, one job per call, on one backlog of keyless jobs, under
+Postgres' default plan caching (`auto`, what our pools use: the claim is planned on every
+call, so planning is part of the cost) and under `force_generic_plan` (execution alone).
+The baseline is derived from the library's text at run time, so the two cannot drift
+apart; the run stops if the clauses are not found. Then drains the same number of jobs
+with and without keys through the library (claim 1 and 50 at a time), for what a key
+costs the jobs that have one. Not part of `make bench`.
 
 Usage: python -m bench.serialcost [--calls N]
 """
@@ -12,6 +16,7 @@ Usage: python -m bench.serialcost [--calls N]
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -21,33 +26,21 @@ from substrate_db import Substrate
 from substrate_db._queries import rendered_queries
 from substrate_db.testing._server import EphemeralPostgres
 
-# The library's claim without the serial-key parts: the baseline of a keyless claim.
-PLAIN_CLAIM = """WITH picked AS MATERIALIZED (
-    SELECT c.id
-    FROM unnest(%(kinds)s::text[]) AS k (kind)
-    CROSS JOIN LATERAL (
-        SELECT j.id, j.priority, j.run_at
-        FROM "substrate".jobs j
-        WHERE j.state = 'available'
-          AND j.kind = k.kind
-          AND j.run_at <= coalesce(%(now)s::timestamptz, now())
-        ORDER BY j.priority, j.run_at, j.id
-        LIMIT %(limit)s
-        FOR UPDATE OF j SKIP LOCKED
-    ) AS c
-    ORDER BY c.priority, c.run_at, c.id
-    LIMIT %(limit)s
+# The two serial-key clauses of claim_jobs: the candidate filter and the key taking.
+_SERIAL_PARTS = (
+    # from the filter's first line up to the ORDER BY that follows it
+    re.compile(r"\n\s*AND \(j\.serial_key IS NULL\s+OR .*?(?=\n\s*ORDER BY)", re.S),
+    re.compile(r"\n\s*AND CASE WHEN j\.serial_key IS NULL THEN true\s+ELSE [^\n]*END", re.S),
 )
-UPDATE "substrate".jobs j
-SET state = 'running', claim_epoch = j.claim_epoch + 1, attempts = j.attempts + 1,
-    claimed_by = %(slot_id)s,
-    lease_expires_at = coalesce(%(now)s::timestamptz, now())
-                       + make_interval(secs => %(lease_secs)s),
-    updated_at = coalesce(%(now)s::timestamptz, now())
-WHERE j.id = ANY(ARRAY(SELECT picked.id FROM picked))
-RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
-          j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
-          j.source_id, j.serial_key"""
+
+
+def without_serial_keys(claim: str) -> str:
+    """The library's claim with its serial-key clauses removed: a keyless claim's baseline."""
+    for part in _SERIAL_PARTS:
+        claim, found = part.subn("", claim)
+        if found != 1:
+            raise SystemExit(f"serialcost: claim_jobs no longer matches {part.pattern!r}")
+    return claim
 
 
 def main() -> None:
@@ -55,6 +48,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="claims per variant and mode")
     args = parser.parse_args()
     library = rendered_queries("substrate")["claim_jobs"].sql
+    plain = without_serial_keys(library)
     params = {"kinds": ["k"], "now": None, "limit": 1, "slot_id": "bench", "lease_secs": 60}
     rounds, per_round = 20, max(1, args.calls // 20)
     with EphemeralPostgres(durable=True) as pg:
@@ -62,12 +56,12 @@ def main() -> None:
             s.migrate()
             for _ in range(2 * (4 * rounds * per_round) // 10_000 + 1):
                 s.enqueue_many([{"kind": "k"} for _ in range(10_000)])
-        for mode in ("force_generic_plan", "auto"):
+        for mode in ("auto", "force_generic_plan"):
             with psycopg.connect(pg.conninfo, autocommit=True) as conn:
                 conn.execute("VACUUM ANALYZE substrate.jobs")
                 conn.execute(f"SET plan_cache_mode = {mode}")
                 ms: dict[str, list[float]] = {"library claim": [], "claim without serial keys": []}
-                variants = list(zip(ms, (library, PLAIN_CLAIM), strict=True))
+                variants = list(zip(ms, (library, plain), strict=True))
                 for r in range(rounds):
                     for name, query in variants if r % 2 else variants[::-1]:
                         start = time.perf_counter()
@@ -79,6 +73,39 @@ def main() -> None:
                 for name, values in ms.items():
                     med = statistics.median(values[2:])
                     print(f"  {name:28} {med:6.3f} ms per claim  {med / base:4.2f}x")
+        keyed_drain(pg.conninfo, rounds=6)
+
+
+def _drain_rate(s: Substrate, specs: list[dict[str, object]], limit: int) -> float:
+    """Jobs per second to claim and complete `specs`, `limit` per claim, one slot."""
+    s.enqueue_many(specs)
+    start, done = time.perf_counter(), 0
+    while jobs := s.claim_jobs("bench", ["d"], limit, lease_secs=60):
+        s.complete_jobs([(j.id, j.claim_epoch, None) for j in jobs])
+        done += len(jobs)
+    assert done == len(specs)
+    return done / (time.perf_counter() - start)
+
+
+def keyed_drain(conninfo: str, rounds: int) -> None:
+    """What a job with a key costs against one without: the same number of jobs drained
+    through the library, keyless or spread over 200 keys (each key's jobs one at a time),
+    interleaved."""
+    print("drain through the library, 1 slot, 2,000 jobs per run (keyed: 200 keys x 10)")
+    keyless = [{"kind": "d"} for _ in range(2000)]
+    keyed = [{"kind": "d", "serial_key": f"key-{n % 200}"} for n in range(2000)]
+    with Substrate.connect(conninfo, max_size=1) as s:
+        for limit in (1, 50):
+            rates: dict[str, list[float]] = {"without keys": [], "with keys": []}
+            for r in range(rounds):
+                order = [("without keys", keyless), ("with keys", keyed)]
+                for name, specs in order if r % 2 else order[::-1]:
+                    rates[name].append(_drain_rate(s, specs, limit))
+            base = statistics.median(rates["without keys"])
+            for name, values in rates.items():
+                med = statistics.median(values)
+                label = f"claim {limit} + complete, {name}"
+                print(f"  {label:36} {med:8,.0f} jobs/s  {med / base:4.2f}x")
 
 
 if __name__ == "__main__":

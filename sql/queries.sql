@@ -77,115 +77,47 @@ ORDER BY input.ord;
 -- With several kinds, up to LIMIT rows per kind are locked for the statement's duration
 -- and the best LIMIT of them claimed; the rest are released at commit.
 --
--- Jobs without a serial key are claimed here. A job with one is a candidate only when,
--- in this snapshot, its key runs nothing and no due available job of the key sorts
--- before it (so a busy key cannot fill the LIMIT and starve other work); such candidates
--- are not claimed here but returned with `claimed = false`, for `claim_serial_jobs` to
--- take under their keys' locks. Keyless claims so pay only the `serial_key IS NULL` test.
+-- Serial keys (migration 0006): a job with a key is a candidate only when, in this
+-- snapshot, it is its key's next job (serial_job_is_next), so a busy key cannot fill
+-- the LIMIT; the UPDATE then claims it only if take_serial_key marks its key as running
+-- it, under the key row's lock. Candidates are heads of distinct keys, so a batch takes
+-- at most one job per key. For a job without a key, both are skipped: a keyless claim
+-- plans and runs like a claim that knows nothing of serial keys.
 WITH candidates AS MATERIALIZED (
-    SELECT c.id, c.serial_key, c.priority, c.run_at
+    SELECT c.id
     FROM unnest(%(kinds)s::text[]) AS k (kind)
     CROSS JOIN LATERAL (
-        SELECT j.id, j.serial_key, j.priority, j.run_at
+        SELECT j.id, j.priority, j.run_at
         FROM {schema}.jobs j
         WHERE j.state = 'available'
           AND j.kind = k.kind
           AND j.run_at <= coalesce(%(now)s::timestamptz, now())
-          AND (j.serial_key IS NULL OR (
-              NOT EXISTS (
-                  SELECT 1 FROM {schema}.serial_keys sk
-                  WHERE sk.key = j.serial_key AND sk.running_job_id IS NOT NULL)
-              AND NOT EXISTS (
-                  SELECT 1 FROM {schema}.jobs e
-                  WHERE e.serial_key = j.serial_key
-                    AND e.state = 'available'
-                    AND e.run_at <= coalesce(%(now)s::timestamptz, now())
-                    AND (e.priority, e.run_at, e.id) < (j.priority, j.run_at, j.id))))
+          AND (j.serial_key IS NULL
+               OR {schema}.serial_job_is_next(j.serial_key, j.priority, j.run_at, j.id,
+                                              coalesce(%(now)s::timestamptz, now())))
         ORDER BY j.priority, j.run_at, j.id
         LIMIT %(limit)s
         FOR UPDATE OF j SKIP LOCKED
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
-),
-claimed AS (
-    UPDATE {schema}.jobs j
-    SET state = 'running',
-        claim_epoch = j.claim_epoch + 1,
-        attempts = j.attempts + 1,
-        claimed_by = %(slot_id)s,
-        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    -- `= ANY(ARRAY(...))`, not a join with candidates: the join's generic plan is a hash
-    -- join over the whole table, so Postgres would plan the claim anew on every call.
-    WHERE j.id = ANY(ARRAY(SELECT c.id FROM candidates c WHERE c.serial_key IS NULL))
-    RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
-              j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
-              j.source_id, j.serial_key
 )
-SELECT claimed.*, true AS claimed FROM claimed
-UNION ALL
-SELECT c.id, NULL::text, NULL::jsonb, c.priority, c.run_at, NULL::integer, NULL::integer,
-       NULL::bigint, NULL::text, NULL::timestamptz, NULL::text, NULL::timestamptz,
-       NULL::text, c.serial_key, false
-FROM candidates c
-WHERE c.serial_key IS NOT NULL;
-
-
--- name: claim_serial_jobs :many
--- The serial-key half of a claim, for the candidates `claim_jobs` returned unclaimed
--- (%(ids)s). The snapshot checks that chose them may be stale, so this locks the job rows
--- again (SKIP LOCKED, newest version, still available), then the key rows themselves
--- (SKIP LOCKED, newest version, running_job_id still NULL): two slots claiming at once can
--- never both see a key free. It takes at most one job per key, the key's head, and marks
--- the key as running it. Its UPDATE is claim_jobs' UPDATE: change them together
--- (tests/test_queries.py checks that they agree).
-WITH candidates AS MATERIALIZED (
-    SELECT j.id, j.serial_key, j.priority, j.run_at
-    FROM {schema}.jobs j
-    WHERE j.id = ANY(%(ids)s::bigint[])
-      AND j.state = 'available'
-      AND j.serial_key IS NOT NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM {schema}.jobs e
-          WHERE e.serial_key = j.serial_key
-            AND e.state = 'available'
-            AND e.run_at <= coalesce(%(now)s::timestamptz, now())
-            AND (e.priority, e.run_at, e.id) < (j.priority, j.run_at, j.id))
-    FOR UPDATE OF j SKIP LOCKED
-),
-free_keys AS MATERIALIZED (
-    SELECT k.key
-    FROM {schema}.serial_keys k
-    WHERE k.key IN (SELECT c.serial_key FROM candidates c)
-      AND k.running_job_id IS NULL
-    FOR UPDATE SKIP LOCKED
-),
-picked AS (
-    SELECT DISTINCT ON (c.serial_key) c.id
-    FROM candidates c JOIN free_keys f ON f.key = c.serial_key
-    ORDER BY c.serial_key, c.priority, c.run_at, c.id
-),
-claimed AS (
-    UPDATE {schema}.jobs j
-    SET state = 'running',
-        claim_epoch = j.claim_epoch + 1,
-        attempts = j.attempts + 1,
-        claimed_by = %(slot_id)s,
-        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    WHERE j.id = ANY(ARRAY(SELECT picked.id FROM picked))
-    RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
-              j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
-              j.source_id, j.serial_key
-),
-key_taken AS (
-    UPDATE {schema}.serial_keys k
-    SET running_job_id = c.id
-    FROM claimed c
-    WHERE k.key = c.serial_key
-)
-SELECT claimed.*, true AS claimed FROM claimed;
+UPDATE {schema}.jobs j
+SET state = 'running',
+    claim_epoch = j.claim_epoch + 1,
+    attempts = j.attempts + 1,
+    claimed_by = %(slot_id)s,
+    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_secs)s),
+    updated_at = coalesce(%(now)s::timestamptz, now())
+-- `= ANY(ARRAY(...))`, not a join with candidates: the join's generic plan is a hash
+-- join over the whole table, so Postgres would never consider caching this plan.
+-- CASE, not OR: it fixes the order, so the key is taken only for a job that has one.
+WHERE j.id = ANY(ARRAY(SELECT c.id FROM candidates c))
+  AND CASE WHEN j.serial_key IS NULL THEN true
+           ELSE {schema}.take_serial_key(j.serial_key, j.id) END
+RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
+          j.claim_epoch, j.claimed_by, j.lease_expires_at, j.dedupe_key, j.created_at,
+          j.source_id, j.serial_key;
 
 
 -- name: set_claim_timeouts :one

@@ -355,7 +355,6 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
 
 
 def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
-    # model_construct ignores keys that are not fields (the claim's `claimed` flag).
     jobs = [ClaimedJob.model_construct(**row) for row in rows]
     # UPDATE ... RETURNING gives no order; hand jobs back in claim order.
     jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
@@ -405,9 +404,8 @@ def claim_jobs(
 def _claim(
     q: Mapping[str, Rendered], params: dict[str, Any], timeouts: ClaimTimeouts | None
 ) -> Plan[list[ClaimedJob]]:
-    """Claim keyless jobs in one statement; only when it found candidates with a serial
-    key, a second statement takes those under their keys' locks. With timeouts, both run
-    in a transaction whose first statement sets them (SET LOCAL)."""
+    """One statement claims jobs with and without serial keys (sql/queries.sql). With
+    timeouts, it runs in a transaction whose first statement sets them (SET LOCAL)."""
     if timeouts is not None:
         yield BEGIN
         yield Stmt(
@@ -418,14 +416,9 @@ def _claim(
             },
         )
     rows = yield Stmt(q["claim_jobs"], params)
-    claimed = [row for row in rows if row["claimed"]]
-    keyed = [row["id"] for row in rows if not row["claimed"]]
-    if keyed:
-        serial = {k: params[k] for k in ("slot_id", "lease_secs", "now")}
-        claimed += yield Stmt(q["claim_serial_jobs"], {**serial, "ids": keyed})
     if timeouts is not None:
         yield COMMIT
-    return _claimed(claimed)
+    return _claimed(rows)
 
 
 def _ms_text(ms: int | None) -> str | None:

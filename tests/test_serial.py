@@ -10,6 +10,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from substrate_db import JobState, Substrate
@@ -130,3 +131,42 @@ def test_stale_snapshot_cannot_double_run_a_key(substrate: Substrate, substrate_
     with Substrate.connect(substrate_dsn) as other:
         assert other.claim_next_job("s2", ["k"]) is None
         assert other.claim_jobs("s2", ["k"], 5) == []
+
+
+def test_a_key_locked_by_another_transaction_is_not_taken(
+    substrate: Substrate, substrate_dsn: str
+) -> None:
+    """The claim picks candidates from its snapshot, where the key looks free; the key
+    row's lock, read at its newest version, is what stops it. A transaction holding the
+    key row (as a concurrent claim does between taking the key and committing) makes the
+    claim pass the job by, not wait, and leaves it available."""
+    job_id = substrate.enqueue("k", serial_key="held")
+    free = substrate.enqueue("k", priority=5)
+    with psycopg.connect(substrate_dsn) as holder:
+        holder.execute("SELECT 1 FROM substrate.serial_keys WHERE key = 'held' FOR UPDATE")
+        claimed = substrate.claim_jobs("s", ["k"], 10)
+        assert [j.id for j in claimed] == [free]
+        stored = substrate.get_job(job_id)
+        assert stored is not None and stored.state == JobState.AVAILABLE
+        holder.rollback()
+    job = substrate.claim_next_job("s", ["k"])
+    assert job is not None and job.id == job_id
+
+
+def test_taking_a_key_again_for_the_same_job_is_not_a_refusal(substrate_dsn: str) -> None:
+    """take_serial_key may run twice for one job in one claim (Postgres re-evaluates the
+    UPDATE's WHERE clause on a row's newest version): the second call must agree with the
+    first, and any other job must be refused while the key is taken."""
+    with Substrate.connect(substrate_dsn) as s:
+        s.enqueue("k", serial_key="again")
+    with psycopg.connect(substrate_dsn, autocommit=True) as conn:
+
+        def take(job_id: int) -> bool:
+            row = conn.execute("SELECT substrate.take_serial_key('again', %s)", [job_id]).fetchone()
+            assert row is not None
+            return bool(row[0])
+
+        assert take(1) and take(1)
+        assert not take(2)
+        conn.execute("UPDATE substrate.serial_keys SET running_job_id = NULL")
+        assert take(2)
