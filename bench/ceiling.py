@@ -25,7 +25,7 @@ from substrate_db._queries import render, rendered_queries
 
 SCRIPTS = Path(__file__).resolve().parent / "pgbench"
 
-_PARAM = re.compile(r"%\((\w+)\)s")
+_PARAM = re.compile(r"%\((\w+)\)[sb]")
 _BIND = re.compile(r"^--\s*@bind\s+(\w+)\s*=\s*(.+?)\s*$")
 _FOLD = re.compile(r"^@fold\s+(\w+)\s+(.+)$")
 _QUERY = re.compile(r"^@query\s+(\w+)\s*$")

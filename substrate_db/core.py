@@ -27,6 +27,7 @@ from .models import (
     RecoveryResult,
     WriteBackReason,
     WriteBackResult,
+    trusted,
 )
 
 T = TypeVar("T")
@@ -159,6 +160,8 @@ def check_aware(field: str, value: object) -> datetime | None:
 
 def to_json(field: str, value: object) -> str:
     """Serialise a payload or result for jsonb, refusing what jsonb would refuse later."""
+    if value is None:  # most results: twice per job on a worker's hot path
+        return "null"
     try:
         text = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
@@ -355,7 +358,8 @@ def enqueue_many(q: Mapping[str, Rendered], jobs: object, now: datetime | None) 
 
 
 def _claimed(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
-    jobs = [ClaimedJob.model_construct(**row) for row in rows]
+    # The claim's RETURNING list is exactly ClaimedJob's fields (a test holds them equal).
+    jobs = [trusted(ClaimedJob, row) for row in rows]
     # UPDATE ... RETURNING gives no order; hand jobs back in claim order.
     jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
     return jobs
@@ -466,14 +470,17 @@ def writeback_result(
         reason = WriteBackReason.STALE_EPOCH
     else:
         reason = WriteBackReason.NOT_RUNNING
-    return WriteBackResult.model_construct(
-        job_id=job_id,
-        ok=applied is not None,
-        reason=reason,
-        expected_epoch=expected,
-        actual_epoch=actual,
-        state=None if state is None else JobState(state),
-        lease_expires_at=None if applied is None else applied["lease_expires_at"],
+    return trusted(
+        WriteBackResult,
+        {
+            "job_id": job_id,
+            "ok": applied is not None,
+            "reason": reason,
+            "expected_epoch": expected,
+            "actual_epoch": actual,
+            "state": None if state is None else JobState(state),
+            "lease_expires_at": None if applied is None else applied["lease_expires_at"],
+        },
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -46,6 +46,25 @@ class WriteBackReason(StrEnum):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+_M = TypeVar("_M", bound=_Frozen)
+_set_attr = object.__setattr__
+
+
+def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
+    """An instance made from values the database already checked, with every field in
+    `values` and nothing else; `values` becomes the instance's `__dict__` (the caller
+    hands the dict over). It sets what `model_construct` sets for these plain frozen
+    models, without its per-field loop: 0.4 us against 3 us a job on the claim and
+    write-back paths of a worker draining tens of thousands of jobs a second.
+    tests/test_validation.py checks that it makes what `model_construct` makes."""
+    instance = cls.__new__(cls)
+    _set_attr(instance, "__dict__", values)
+    _set_attr(instance, "__pydantic_fields_set__", set(values))
+    _set_attr(instance, "__pydantic_extra__", None)
+    _set_attr(instance, "__pydantic_private__", None)
+    return instance
 
 
 class Job(_Frozen):

@@ -26,7 +26,7 @@ import pytest
 from substrate_db import Substrate
 from substrate_db._queries import rendered_queries
 
-_PARAM = re.compile(r"%\((\w+)\)s")
+_PARAM = re.compile(r"%\((\w+)\)[sb]")
 
 LIMIT = 10
 CLAIM_ARGS: dict[str, Any] = {

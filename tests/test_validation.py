@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from substrate_db import AsyncSubstrate, InvalidArgument, Substrate
+from substrate_db import AsyncSubstrate, ClaimedJob, InvalidArgument, Substrate, WriteBackResult
 from substrate_db.core import check_schema
 
 
@@ -126,3 +126,20 @@ def test_sync_and_async_flavours_match() -> None:
         assert list(sig.parameters) == list(asig.parameters), name
         for p, ap in zip(sig.parameters.values(), asig.parameters.values(), strict=True):
             assert (p.kind, p.default) == (ap.kind, ap.default), f"{name}.{p.name}"
+
+
+def test_trusted_models_are_what_model_construct_makes(substrate: Substrate) -> None:
+    """models.trusted skips model_construct's per-field work on the hot paths; it must
+    build the same object, from a real claim's row and a real write-back."""
+    substrate.enqueue("k", {"n": 1}, serial_key="t", source_id="src")
+    (job,) = substrate.claim_jobs("s", ["k"], 1)
+    assert list(job.__dict__) == list(ClaimedJob.model_fields)  # the claim's RETURNING list
+    made = ClaimedJob.model_construct(**job.__dict__)
+    assert job == made and job.model_dump() == made.model_dump()
+    assert job.model_fields_set == made.model_fields_set
+    assert ClaimedJob.model_validate(job.model_dump()) == job
+    result = substrate.complete_job(job.id, job.claim_epoch)
+    made_result = WriteBackResult.model_construct(**result.__dict__)
+    assert list(result.__dict__) == list(WriteBackResult.model_fields)
+    assert result == made_result and result.model_fields_set == made_result.model_fields_set
+    assert result.model_copy(update={"ok": False}).ok is False
