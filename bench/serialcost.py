@@ -6,7 +6,8 @@ clauses cut out, interleaved, one job per call, on one backlog of keyless jobs, 
 Postgres' default plan caching (`auto`, what our pools use: the claim is planned on every
 call, so planning is part of the cost) and under `force_generic_plan` (execution alone).
 The baseline is derived from the library's text at run time, so the two cannot drift
-apart; the run stops if the clauses are not found. Then drains the same number of jobs
+apart; the run stops if the clauses are not found. Then a claim that must walk past a
+busy key's backlog (the worst case for a keyless job), and drains the same number of jobs
 with and without keys through the library (claim 1 and 50 at a time), for what a key
 costs the jobs that have one. Not part of `make bench`.
 
@@ -73,7 +74,37 @@ def main() -> None:
                 for name, values in ms.items():
                     med = statistics.median(values[2:])
                     print(f"  {name:28} {med:6.3f} ms per claim  {med / base:4.2f}x")
+        busy_key(pg.conninfo, library, params)
         keyed_drain(pg.conninfo, rounds=6)
+
+
+def busy_key(conninfo: str, claim: str, params: dict[str, object], backlog: int = 50_000) -> None:
+    """A key whose job is running, with `backlog` more jobs queued ahead of the keyless
+    work of the same kind: the claim's scan walks past all of them, in claim order, on
+    every call. Against the same claim of a kind with no keyed jobs."""
+    with Substrate.connect(conninfo) as s:
+        s.enqueue("busy", serial_key="hot", priority=-1)
+        assert s.claim_jobs("bench", ["busy"], 1)  # the key now runs a job
+        for start in range(0, backlog, 10_000):
+            n = min(10_000, backlog - start)
+            s.enqueue_many([{"kind": "busy", "serial_key": "hot", "priority": -1}] * n)
+        s.enqueue_many([{"kind": "busy"} for _ in range(2_000)])
+        s.enqueue_many([{"kind": "calm"} for _ in range(2_000)])
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE substrate.jobs")
+        ms: dict[str, list[float]] = {"busy": [], "calm": []}
+        for r in range(10):
+            for kind in ("busy", "calm") if r % 2 else ("calm", "busy"):
+                start = time.perf_counter()
+                for _ in range(20):
+                    rows = conn.execute(claim, {**params, "kinds": [kind]}).fetchall()
+                    assert rows and rows[0][-1] is None  # a keyless job, past the busy key
+                ms[kind].append((time.perf_counter() - start) / 20 * 1000)
+    base = statistics.median(ms["calm"])
+    print(f"a busy key with {backlog:,} jobs queued ahead of the keyless work (auto)")
+    for kind, label in (("calm", "claim, no keyed jobs"), ("busy", "claim past the busy key")):
+        med = statistics.median(ms[kind])
+        print(f"  {label:28} {med:6.3f} ms per claim  {med / base:5.1f}x")
 
 
 def _drain_rate(s: Substrate, specs: list[dict[str, object]], limit: int) -> float:

@@ -78,11 +78,15 @@ ORDER BY input.ord;
 -- and the best LIMIT of them claimed; the rest are released at commit.
 --
 -- Serial keys (migration 0006): a job with a key is a candidate only when, in this
--- snapshot, it is its key's next job (serial_job_is_next), so a busy key cannot fill
--- the LIMIT; the UPDATE then claims it only if take_serial_key marks its key as running
--- it, under the key row's lock. Candidates are heads of distinct keys, so a batch takes
--- at most one job per key. For a job without a key, both are skipped: a keyless claim
--- plans and runs like a claim that knows nothing of serial keys.
+-- snapshot, its key runs nothing (running_serial_keys, read once, and only if a keyed
+-- job is met) and it is its key's next job (serial_job_is_next), so a busy key cannot
+-- fill the LIMIT; the UPDATE then claims it only if take_serial_key marks its key as
+-- running it, under the key row's lock. Candidates are heads of distinct keys, so a
+-- batch takes at most one job per key. For a job without a key, none of this runs: a
+-- keyless claim plans and runs like a claim that knows nothing of serial keys.
+-- take_serial_key's "already taken by this job" answer is safe only because the
+-- candidates CTE holds each job's row lock before the UPDATE reaches it: keep the
+-- FOR UPDATE, and keep the UPDATE to the candidates' ids.
 WITH candidates AS MATERIALIZED (
     SELECT c.id
     FROM unnest(%(kinds)s::text[]) AS k (kind)
@@ -93,8 +97,9 @@ WITH candidates AS MATERIALIZED (
           AND j.kind = k.kind
           AND j.run_at <= coalesce(%(now)s::timestamptz, now())
           AND (j.serial_key IS NULL
-               OR {schema}.serial_job_is_next(j.serial_key, j.priority, j.run_at, j.id,
-                                              coalesce(%(now)s::timestamptz, now())))
+               OR (NOT ((SELECT {schema}.running_serial_keys()) ? j.serial_key)
+                   AND {schema}.serial_job_is_next(j.serial_key, j.priority, j.run_at, j.id,
+                                                   coalesce(%(now)s::timestamptz, now()))))
         ORDER BY j.priority, j.run_at, j.id
         LIMIT %(limit)s
         FOR UPDATE OF j SKIP LOCKED

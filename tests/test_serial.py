@@ -170,3 +170,52 @@ def test_taking_a_key_again_for_the_same_job_is_not_a_refusal(substrate_dsn: str
         assert not take(2)
         conn.execute("UPDATE substrate.serial_keys SET running_job_id = NULL")
         assert take(2)
+
+
+def test_a_job_updated_during_the_claim_still_takes_its_key_once(
+    substrate: Substrate, substrate_dsn: str
+) -> None:
+    """The real path of the double call: a candidate row updated (and committed) after
+    the claim's snapshot was taken is locked at its newest version, so the UPDATE meets
+    a row that changed and re-evaluates its WHERE clause there, calling take_serial_key a
+    second time for the same job. The job must end running and its key taken by it: a
+    refusal the second time would leave the key marked by a job that never ran.
+
+    To hold the claim inside its snapshot while another session commits, this test's
+    database gets a serial_job_is_next that sleeps for one key."""
+    with psycopg.connect(substrate_dsn, autocommit=True) as admin:
+        body = admin.execute(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'serial_job_is_next'"
+        ).fetchone()
+        assert body is not None and "BEGIN" in body[0]
+        pause = "BEGIN\n    IF p_key = 'sleep' THEN PERFORM pg_sleep(1.5); END IF;"
+        sleepy = body[0].replace("BEGIN", pause, 1)
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION substrate.serial_job_is_next(p_key text,"
+            " p_priority smallint, p_run_at timestamptz, p_id bigint, p_now timestamptz)"
+            " RETURNS boolean LANGUAGE plpgsql STABLE AS $body$" + sleepy + "$body$"
+        )
+        substrate.enqueue("k", serial_key="sleep", priority=-1)  # scanned first: the pause
+        later = substrate.enqueue("k", serial_key="moved", priority=0)
+
+        def update_during_the_pause() -> None:
+            for _ in range(200):
+                sleeping = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                ).fetchone()
+                if sleeping and sleeping[0]:
+                    break
+                time.sleep(0.01)
+            admin.execute("UPDATE substrate.jobs SET updated_at = now() WHERE id = %s", [later])
+
+        updater = threading.Thread(target=update_during_the_pause)
+        updater.start()
+        claimed = substrate.claim_jobs("s", ["k"], 10)
+        updater.join()
+        assert later in {j.id for j in claimed}
+        key = admin.execute(
+            "SELECT running_job_id FROM substrate.serial_keys WHERE key = 'moved'"
+        ).fetchone()
+        assert key == (later,)
+        stored = substrate.get_job(later)
+        assert stored is not None and stored.state == JobState.RUNNING

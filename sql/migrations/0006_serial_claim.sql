@@ -8,6 +8,25 @@
 -- the planner sees one expression; PL/pgSQL caches the plans of the queries inside for
 -- the session, and the functions run only for jobs that have a key.
 
+-- The keys running a job now, as one jsonb object (key -> true), read once per claim:
+-- the claim tests a keyed job against it first (`?` is a binary search over the
+-- object's sorted keys), so a busy key's backlog, which the claim's scan must walk past
+-- in claim order, costs a lookup per job instead of a function call per job (50,000
+-- jobs of a busy key ahead of the work: 6 ms per claim against 160-195 ms).
+CREATE FUNCTION {schema}.running_serial_keys() RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(jsonb_object_agg(k.key, true), '{}'::jsonb)
+            FROM {schema}.serial_keys k
+            WHERE k.running_job_id IS NOT NULL);
+END;
+$$;
+
+-- Keys are kept once created, so the table grows with every key ever used; the running
+-- ones are few (one per running keyed job) and this index finds them.
+CREATE INDEX serial_keys_running_idx ON {schema}.serial_keys (key)
+    WHERE running_job_id IS NOT NULL;
+
 -- Is this job its key's next one? No job of the key runs, and no due available job of
 -- the key sorts before it. STABLE: it reads the claim's own snapshot. The claim uses it
 -- to pick candidates, so that a busy key cannot fill the LIMIT and starve other work;
@@ -36,7 +55,9 @@ $$;
 -- The claim calls it from its UPDATE's WHERE clause, on the job row it has locked. If
 -- that row changed since the statement's snapshot, Postgres re-evaluates the WHERE
 -- clause on the newest version (EvalPlanQual) and calls this a second time for the same
--- job: so a key already marked with this job counts as taken by it, not as busy.
+-- job: so a key already marked with this job counts as taken by it, not as busy. That
+-- answer is safe only because the claim holds the job's row lock (its candidates CTE is
+-- FOR UPDATE) before it calls this: no other claim can be taking the same job.
 -- COST: the planner orders a scan's filters by cost, so the claim's `id = ANY(...)`
 -- always comes first and no row outside the candidates can reach this function.
 CREATE FUNCTION {schema}.take_serial_key(p_key text, p_job_id bigint) RETURNS boolean
