@@ -401,7 +401,8 @@ class Worker:
             await self._wait_any(self._wake, opts.poll_secs)
 
     def _start(self, job: ClaimedJob) -> None:
-        logger.debug(loglines.claim(self._opts.slot_id, self._opts.kinds, job.id))
+        if logger.isEnabledFor(logging.DEBUG):  # per job: do not build the line for nothing
+            logger.debug(loglines.claim(self._opts.slot_id, self._opts.kinds, job.id))
         held = self._held[job.id] = _Held(job)
         assert self._beat is not None
         self._beat.track(job)
