@@ -1,5 +1,5 @@
--- 0006_serial_claim: serial keys checked by two functions, so the claim stays one
--- statement that plans like a claim without serial keys.
+-- 0006_serial_claim: serial keys checked by three functions, so the claim stays one
+-- statement that plans almost like a claim without serial keys.
 --
 -- Postgres plans the claim anew on every call (its generic plan, with LIMIT a parameter,
 -- is worse than any custom one), so every table reference in the claim costs planning
@@ -12,7 +12,8 @@
 -- the claim tests a keyed job against it first (`?` is a binary search over the
 -- object's sorted keys), so a busy key's backlog, which the claim's scan must walk past
 -- in claim order, costs a lookup per job instead of a function call per job (50,000
--- jobs of a busy key ahead of the work: 6 ms per claim against 160-195 ms).
+-- jobs of a busy key ahead of the work: 6 ms per claim, against 164 ms with
+-- serial_job_is_next alone; python -m bench.serialcost).
 CREATE FUNCTION {schema}.running_serial_keys() RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
