@@ -50,7 +50,7 @@ ins AS (
     FROM input i
     WHERE i.dedupe_key IS NULL OR i.key_rank = 1
     ORDER BY i.ord
-    ON CONFLICT (dedupe_key) WHERE state IN ('available', 'running')
+    ON CONFLICT (dedupe_key) WHERE state IN ('available', 'running') AND dedupe_key IS NOT NULL
     DO UPDATE SET dedupe_key = EXCLUDED.dedupe_key
     RETURNING j.id, j.dedupe_key
 )

@@ -180,3 +180,18 @@ def test_claim_takes_the_head_of_a_large_backlog_from_an_index(
     (source,) = [n for n in updates[0]["Plans"] if n["Parent Relationship"] == "Outer"]
     targets = [n for n in _walk(source) if n.get("Relation Name") == "jobs"]
     assert [n.get("Index Name") for n in targets] == ["jobs_pkey"], targets
+
+
+def test_the_dedupe_index_leaves_out_jobs_without_a_key(
+    substrate: Substrate, admin: psycopg.Connection[Any]
+) -> None:
+    """A btree indexes NULLs: without the predicate every job would take a dedupe index
+    entry at enqueue and again at claim (migration 0007)."""
+    row = admin.execute(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = 'jobs_dedupe_idx'",
+        [substrate.schema],
+    ).fetchone()
+    assert row is not None and "dedupe_key IS NOT NULL" in row[0], row
+    first = substrate.enqueue("k", dedupe_key="once")
+    assert substrate.enqueue("k", dedupe_key="once") == first
+    assert len({substrate.enqueue("k") for _ in range(3)}) == 3
