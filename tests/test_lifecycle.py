@@ -331,3 +331,33 @@ def test_connect_takes_callable_kwargs(substrate_dsn: str) -> None:
             row = conn.execute("SHOW application_name").fetchone()
         assert row == ("rotating",)
     assert calls
+
+
+PAYLOAD = {"text": "é ✓ 中文", "n": [1, 2.5, None, True], "nested": {"": ""}}
+
+
+def test_payloads_round_trip_and_a_callers_configure_hook_still_runs(substrate_dsn: str) -> None:
+    """Pools we build load JSON with our own loader (client._json_loads) and then run the
+    caller's `configure`."""
+    seen: list[object] = []
+    with Substrate.connect(substrate_dsn, configure=seen.append) as s:
+        job_id = s.enqueue("k", PAYLOAD)
+        job = s.claim_next_job("s", ["k"])
+        assert job is not None and job.id == job_id and job.payload == PAYLOAD
+        assert s.complete_job(job.id, job.claim_epoch, result=PAYLOAD).ok
+        stored = s.get_job(job_id)
+        assert stored is not None and stored.result == PAYLOAD
+    assert seen
+
+
+async def test_async_payloads_round_trip_and_configure_hook(substrate_dsn: str) -> None:
+    seen: list[object] = []
+
+    async def hook(conn: object) -> None:
+        seen.append(conn)
+
+    async with await AsyncSubstrate.connect(substrate_dsn, configure=hook) as s:
+        job_id = await s.enqueue("k", PAYLOAD)
+        job = await s.claim_next_job("s", ["k"])
+        assert job is not None and job.id == job_id and job.payload == PAYLOAD
+    assert seen
