@@ -71,14 +71,14 @@ def _fetch(q: Mapping[str, Rendered], params: dict[str, Any]) -> Plan[list[JobOu
 def _read_result(
     q: Mapping[str, Rendered], params: dict[str, Any]
 ) -> Plan[tuple[JobOutcome | None, bool]]:
-    """One read: the outcome (or None), and whether the job is another source's."""
+    """One read: the outcome (or None), and whether it is worth waiting for (the job is
+    this source's and not finished), both from one snapshot."""
     row = yield Stmt(q["get_result"], params)
     if row["id"] is not None:
         return _outcome(row), False
     if row["foreign_job"]:
         logger.warning(loglines.result_source_mismatch(params["id"], params["source_id"]))
-        return None, True
-    return None, False
+    return None, bool(row["pending"])
 
 
 def get_result(
@@ -127,12 +127,9 @@ def _wait(
         yield Listen(channel)
     wanted = str(params["id"])
     while True:
-        outcome, foreign = yield from _read_result(q, params)
-        if outcome is not None or foreign:
+        outcome, pending = yield from _read_result(q, params)
+        if not pending:  # finished, another source's, or no such job
             return outcome
-        pending = yield Stmt(q["result_pending"], params)
-        if not pending["pending"]:
-            return None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"job {params['id']} did not finish within {timeout:g} s")

@@ -7,11 +7,14 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
-from substrate_db import AsyncSubstrate, JobState, ResultTooLarge, Substrate
+from substrate_db import AsyncSubstrate, JobState, ResultTooLarge, Substrate, core
+from substrate_db import results as results_mod
+from substrate_db._queries import rendered_queries
 
 
 def _run(substrate: Substrate, job_id: int, result: object = None) -> None:
@@ -188,3 +191,32 @@ def test_row_level_security_makes_source_an_identity(substrate_dsn: str) -> None
             for role in ("ws_alpha", "ws_beta"):
                 admin.execute(f"DROP OWNED BY {role}")
                 admin.execute(f"DROP ROLE {role}")
+
+
+def test_a_waiter_reads_finished_and_pending_in_one_snapshot() -> None:
+    """The waiting plan, driven by hand: every read is the one `get_result` statement,
+    which says both whether the job finished and whether it is still worth waiting for.
+    With two statements, a job finishing between them looked neither finished nor
+    pending, and the waiter returned None for a job that had a result (seen once in CI)."""
+    q = rendered_queries("substrate")
+    plan = results_mod.wait_for_result(q, 7, "me", 30, channel=None, poll_secs=0.01)
+    step = next(plan)
+    assert isinstance(step, core.Stmt) and step.query.name == "get_result"
+    not_yet = {"id": None, "foreign_job": False, "pending": True}
+    step = plan.send(not_yet)
+    assert isinstance(step, core.Sleep)
+    step = plan.send(None)
+    assert isinstance(step, core.Stmt) and step.query.name == "get_result"
+    done = {
+        "id": 7, "kind": "t", "state": "completed", "result": "ok", "last_error": None,
+        "attempts": 1, "finished_at": datetime.now(UTC), "source_id": "me",
+        "delivered_at": None, "foreign_job": False, "pending": False,
+    }  # fmt: skip
+    with pytest.raises(StopIteration) as stop:
+        plan.send(done)
+    assert stop.value.value.result == "ok"
+    gone = results_mod.wait_for_result(q, 8, "me", 30, channel=None)
+    assert next(gone).query.name == "get_result"  # type: ignore[union-attr]
+    with pytest.raises(StopIteration) as stop:
+        gone.send({"id": None, "foreign_job": False, "pending": False})
+    assert stop.value.value is None

@@ -27,21 +27,20 @@ RETURNING j.id, j.kind, j.state, j.result, j.last_error, j.attempts, j.finished_
 -- name: get_result :one
 -- The outcome of one job of this source: NULL columns when the job does not exist, is
 -- not finished, or belongs to another source; `foreign_job` tells the last case apart
--- (for a warning line) without returning anything of the other source's job.
+-- (for a warning line) without returning anything of the other source's job, and
+-- `pending` says the job is this source's and not finished yet (worth waiting for).
+-- All three from one snapshot: read by two statements, a job finishing between them
+-- would look neither finished nor pending, and a waiter would give up on it.
 SELECT j.id, j.kind, j.state, j.result, j.last_error, j.attempts, j.finished_at,
        j.source_id, j.delivered_at,
        EXISTS (
            SELECT 1 FROM {schema}.jobs o
            WHERE o.id = %(id)s AND o.source_id IS DISTINCT FROM %(source_id)s
-       ) AS foreign_job
+       ) AS foreign_job,
+       EXISTS (
+           SELECT 1 FROM {schema}.jobs p
+           WHERE p.id = %(id)s AND p.source_id = %(source_id)s AND p.finished_at IS NULL
+       ) AS pending
 FROM (VALUES (1)) AS one (x)
 LEFT JOIN {schema}.jobs j
        ON j.id = %(id)s AND j.source_id = %(source_id)s AND j.finished_at IS NOT NULL;
-
-
--- name: result_pending :one
--- Whether a job of this source exists and has not finished yet (worth waiting for).
-SELECT EXISTS (
-    SELECT 1 FROM {schema}.jobs
-    WHERE id = %(id)s AND source_id = %(source_id)s AND finished_at IS NULL
-) AS pending;
