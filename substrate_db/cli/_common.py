@@ -12,6 +12,7 @@ Commands that loop (`--every`, `--watch`) print one document per line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -142,38 +143,59 @@ def settings(ctx: click.Context) -> Settings:
     return root.obj
 
 
-def connection_options(f: F) -> F:
-    """`--dsn`, `--config`, `--schema` and `--pgbouncer` on a command. Given on a command
-    they override the group's; unset, the group's (or their environment variables) apply."""
-    f = click.option(
+@dataclass(frozen=True, slots=True)
+class ConnectionArgs:
+    """A command's own `--dsn`, `--config`, `--schema` and `--pgbouncer` (None: not given)."""
+
+    dsn: str | None = None
+    config_path: str | None = None
+    schema: str | None = None
+    pgbouncer: bool | None = None
+
+
+def connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--dsn`, `--config`, `--schema` and `--pgbouncer` on a command, handed to it as one
+    `conn: ConnectionArgs` argument for `resolve_target`. Given on a command they override
+    the group's; unset, the group's (or their environment variables) apply."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        dsn: str | None,
+        config_path: str | None,
+        schema: str | None,
+        pgbouncer: bool | None,
+        **kwargs: Any,
+    ) -> Any:
+        return f(*args, conn=ConnectionArgs(dsn, config_path, schema, pgbouncer), **kwargs)
+
+    wrapped: Callable[..., Any] = click.option(
         "--pgbouncer",
         is_flag=True,
         default=None,
         help="The DSN goes through PgBouncer in transaction mode: no prepared statements, "
         "no LISTEN (workers poll).",
-    )(f)
-    f = click.option("--schema", default=None, metavar="NAME", help="Postgres schema.")(f)
-    f = click.option(
+    )(command)
+    wrapped = click.option("--schema", default=None, metavar="NAME", help="Postgres schema.")(
+        wrapped
+    )
+    wrapped = click.option(
         "--config",
         "config_path",
         default=None,
         metavar="HOST.JSON",
         type=click.Path(dir_okay=False),
         help="A runtime host config with a `substrate` block (its credential is resolved).",
-    )(f)
-    f = click.option("--dsn", default=None, metavar="CONNINFO", help="libpq conninfo or URI.")(f)
-    return f
+    )(wrapped)
+    return click.option("--dsn", default=None, metavar="CONNINFO", help="libpq conninfo or URI.")(
+        wrapped
+    )
 
 
-def resolve_target(
-    ctx: click.Context,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
-) -> Target:
+def resolve_target(ctx: click.Context, conn: ConnectionArgs) -> Target:
     """Command options, then the group's, then SUBSTRATE_DSN, then libpq's environment,
     then the embedded server."""
+    dsn, config_path, schema, pgbouncer = conn.dsn, conn.config_path, conn.schema, conn.pgbouncer
     group = settings(ctx)
     if dsn is not None and config_path is not None:
         raise UserError("give --dsn or --config, not both")

@@ -10,6 +10,7 @@ import click
 
 from ..models import JobOutcome
 from ._common import (
+    ConnectionArgs,
     GracefulStop,
     connection_options,
     fmt_time,
@@ -50,10 +51,7 @@ def results(
     limit: int,
     follow: bool,
     interval: float,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Deliver the outcomes of finished jobs enqueued by --source that were not delivered
@@ -62,7 +60,7 @@ def results(
     JSON: an array of {"job_id", "kind", "state", "result", "last_error", "attempts",
     "finished_at", "source_id", "delivered_at"}; with --follow, one such object per line.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         if not follow:
             outcomes = client.fetch_results(source_id, limit=limit)
@@ -102,10 +100,7 @@ def _brief(outcome: JobOutcome) -> str:
 @click.pass_context
 def slots(
     ctx: click.Context,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """The runtime slots and their liveness: healthy, wedged, draining, gone, or stale
@@ -115,7 +110,7 @@ def slots(
     "pid", "started_at", "last_seen", "interval_secs", "jobs_in_flight", "current_job",
     "error_rate", "beats"}.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         found = client.list_slots()
     if as_json:

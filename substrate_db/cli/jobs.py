@@ -10,6 +10,7 @@ import click
 from .. import ops
 from ..models import Job, JobState
 from ._common import (
+    ConnectionArgs,
     Failed,
     UserError,
     connection_options,
@@ -64,10 +65,7 @@ def enqueue(
     dedupe_key: str | None,
     source_id: str | None,
     serial_key: str | None,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Enqueue one job of KIND; print its id.
@@ -77,7 +75,7 @@ def enqueue(
     """
     value = None if payload is None else parse_json_arg("--payload", payload)
     when = _run_at(run_at)
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         job_id = client.enqueue(
             kind,
@@ -112,14 +110,11 @@ def list_jobs(
     state: str | None,
     kind: str | None,
     limit: int,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Jobs, newest first. JSON: an array of job objects (every column of the table)."""
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         found = client.list_jobs(kind=kind, state=state, limit=limit)
     if as_json:
@@ -161,14 +156,11 @@ def _show(job: Job, as_json: bool) -> None:
 def show(
     ctx: click.Context,
     job_id: int,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """One job, every column. JSON: the job object. Exit 1 when there is no such job."""
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         job = client.get_job(job_id)
     if job is None:
@@ -184,10 +176,7 @@ def show(
 def retry(
     ctx: click.Context,
     job_id: int,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Make a failed or cancelled job available again, due now.
@@ -195,7 +184,7 @@ def retry(
     A job whose attempts are spent gets one more. Running and completed jobs are refused
     (exit 1). JSON: the job object after the retry.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         outcome = client.run(ops.retry_job(queries(client), job_id))
     if outcome.job is None:
@@ -222,15 +211,12 @@ def retry(
 def cancel(
     ctx: click.Context,
     job_id: int,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Cancel a job that has not finished. A running job's executor learns it at its next
     write-back or heartbeat. Exit 1 when the job is finished or missing. JSON: the job."""
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         cancelled = client.cancel_job(job_id)
         job = client.get_job(job_id)

@@ -12,6 +12,7 @@ from .. import ops
 from ..errors import DatabaseError
 from ..models import RecoveryResult
 from ._common import (
+    ConnectionArgs,
     connection_options,
     every_option,
     fmt_time,
@@ -67,10 +68,7 @@ def recover_leases(
     ctx: click.Context,
     every: float | None,
     limit: int | None,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Release running jobs whose lease expired: back to available, or failed when their
@@ -81,7 +79,7 @@ def recover_leases(
     JSON: one object per pass (one per line with --every): {"released", "requeued",
     "failed", "requeued_ids", "failed_ids", "standing_by"}.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target, service=every is not None) as client:
 
         def one_pass() -> None:
@@ -165,10 +163,7 @@ def prune(
     states: str,
     batch_size: int,
     dry_run: bool,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Delete finished jobs older than a duration, in bounded batches (no long locks, no
@@ -181,7 +176,7 @@ def prune(
         checked = ops.check_prune_states(wanted)
     except ValueError as exc:
         raise click.BadParameter(one_line(exc), param_hint="--state") from None
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     show_bar = not dry_run and sys.stderr.isatty()
     with open_client(target) as client:
         bar: Any = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import (
+    ConnectionArgs,
     connection_options,
     fmt_time,
     json_option,
@@ -22,10 +23,7 @@ from ._common import (
 @click.pass_context
 def migrate(
     ctx: click.Context,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     status: bool,
     as_json: bool,
 ) -> None:
@@ -34,7 +32,7 @@ def migrate(
     JSON: {"applied": [versions]}; with --status, an array of
     {"version", "name", "applied_at"} (applied_at null while pending).
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         if status:
             rows = client.migration_status()

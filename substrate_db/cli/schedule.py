@@ -10,6 +10,7 @@ import click
 from .. import schedules
 from ..errors import DatabaseError
 from ._common import (
+    ConnectionArgs,
     Failed,
     connection_options,
     every_option,
@@ -46,10 +47,7 @@ def schedule_document(s: schedules.Schedule) -> dict[str, Any]:
 def create(
     ctx: click.Context,
     path: str,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Create a schedule from a file, or update the one with its name in place.
@@ -60,7 +58,7 @@ def create(
     object with "created" (false when it updated an existing one).
     """
     spec = schedules.ScheduleSpec.from_file(path)  # exit 2 on a bad file, before connecting
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         outcome = client.run(schedules.upsert(queries(client), spec, None))
     if as_json:
@@ -80,15 +78,12 @@ def create(
 @click.pass_context
 def list_schedules(
     ctx: click.Context,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Every schedule. JSON: an array of objects with the schedule file's keys plus
     next_run_at, last_run_at and last_job_id."""
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         found = client.run(schedules.list_schedules(queries(client)))
     if as_json:
@@ -121,15 +116,12 @@ def list_schedules(
 def delete(
     ctx: click.Context,
     name: str,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Delete the schedule NAME (jobs it already enqueued stay). Exit 1 when there is
     none. JSON: {"name", "deleted": true}."""
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         deleted = client.run(schedules.delete(queries(client), name))
     if not deleted:
@@ -159,10 +151,7 @@ def tick_document(result: schedules.TickResult) -> dict[str, Any]:
 def tick(
     ctx: click.Context,
     every: float | None,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Enqueue every due run once (safe with several tickers at once; missed runs
@@ -171,7 +160,7 @@ def tick(
     JSON: {"enqueued": [{"name", "kind", "job_id", "due_at", "dedupe_key"}],
     "schedules": [{"name", "enabled", "next_run_at"}]}, one per line with --every.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target, service=every is not None) as client:
         q = queries(client)
 

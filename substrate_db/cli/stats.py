@@ -9,6 +9,7 @@ import click
 from .. import ops
 from ..models import JobState
 from ._common import (
+    ConnectionArgs,
     GracefulStop,
     connection_options,
     fmt_time,
@@ -89,10 +90,7 @@ def stats(
     ctx: click.Context,
     watch: bool,
     interval: float,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Job counts by kind and state, the age of the oldest available job, running jobs
@@ -102,7 +100,7 @@ def stats(
     "oldest_available_age_secs"}], "oldest_available_age_secs", "expired_leases",
     "slots": [{"slot_id", "state", "last_seen", "jobs_in_flight", ...}]}.
     """
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     with open_client(target) as client:
         q = queries(client)
 

@@ -6,6 +6,7 @@ import click
 
 from .. import worker as worker_mod
 from ._common import (
+    ConnectionArgs,
     UserError,
     connection_options,
     json_option,
@@ -75,10 +76,7 @@ def worker(
     grace_secs: float,
     slot_id: str,
     burst: bool,
-    dsn: str | None,
-    config_path: str | None,
-    schema: str | None,
-    pgbouncer: bool | None,
+    conn: ConnectionArgs,
     as_json: bool,
 ) -> None:
     """Claim jobs of KINDS and run HANDLER on each until SIGTERM/SIGINT.
@@ -108,7 +106,7 @@ def worker(
         slot_id=slot_id,
         burst=burst,
     )
-    target = resolve_target(ctx, dsn, config_path, schema, pgbouncer)
+    target = resolve_target(ctx, conn)
     preflight(target, service=True)
 
     def ready(w: worker_mod.Worker) -> None:
