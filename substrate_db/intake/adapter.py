@@ -76,7 +76,36 @@ def _closed() -> SubstrateError:
     return SubstrateError("the substrate intake is closed")
 
 
-class SubstrateIntake:
+class _IntakeBase:
+    """What both intakes hold and how they print; each adds its client and its lock."""
+
+    def __init__(
+        self,
+        config: SubstrateConfig,
+        local_queue: Any,
+        resolve_credential: CredentialResolver | None,
+        clock: Callable[[], float],
+        max_connections: int,
+    ) -> None:
+        self.config = _check_config(config)
+        self.local_queue = local_queue
+        self._resolver = (
+            resolve_credential if resolve_credential is not None else default_resolver()
+        )
+        self._tracker = ConnectTracker()
+        self._gate = RecoveryGate(config.lease_recovery_cadence_secs, clock)
+        self._max_connections = max_connections
+        self._closed = False
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"{type(self).__name__}(enabled={c.enabled}, slot_id={c.slot_id!r}, "
+            f"kinds={list(c.kinds)!r}, host={c.host!r})"
+        )
+
+
+class SubstrateIntake(_IntakeBase):
     """The intake for a blocking runtime. Thread-safe: one per slot.
 
     `resolve_credential(credential_id) -> password` replaces the default resolver chain
@@ -93,25 +122,11 @@ class SubstrateIntake:
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        self.config = _check_config(config)
-        self.local_queue = local_queue
-        self._resolver = (
-            resolve_credential if resolve_credential is not None else default_resolver()
-        )
-        self._tracker = ConnectTracker()
-        self._gate = RecoveryGate(config.lease_recovery_cadence_secs, clock)
-        self._max_connections = max_connections
+        super().__init__(config, local_queue, resolve_credential, clock, max_connections)
+        self.local_queue: LocalTaskQueue = local_queue
         self._client: Substrate | None = None
         self._keepers: weakref.WeakSet[LeaseKeeper | SlotHeartbeat] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (
-            f"SubstrateIntake(enabled={c.enabled}, slot_id={c.slot_id!r}, "
-            f"kinds={list(c.kinds)!r}, host={c.host!r})"
-        )
 
     def client(self) -> Substrate:
         """The `Substrate` on the intake's pool, built on first use (the pool connects
@@ -255,7 +270,7 @@ class SubstrateIntake:
         return None
 
 
-class AsyncSubstrateIntake:
+class AsyncSubstrateIntake(_IntakeBase):
     """The intake for an asyncio runtime: `SubstrateIntake`'s methods, awaited.
 
     The local queue's `enqueue_task` may be a plain method (e.g. `SQLiteTaskQueue`) or a
@@ -271,25 +286,11 @@ class AsyncSubstrateIntake:
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        self.config = _check_config(config)
-        self.local_queue = local_queue
-        self._resolver = (
-            resolve_credential if resolve_credential is not None else default_resolver()
-        )
-        self._tracker = ConnectTracker()
-        self._gate = RecoveryGate(config.lease_recovery_cadence_secs, clock)
-        self._max_connections = max_connections
+        super().__init__(config, local_queue, resolve_credential, clock, max_connections)
+        self.local_queue: LocalTaskQueue | AsyncLocalTaskQueue = local_queue
         self._client: AsyncSubstrate | None = None
         self._keepers: weakref.WeakSet[AsyncLeaseKeeper | AsyncSlotHeartbeat] = weakref.WeakSet()
         self._lock = asyncio.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (
-            f"AsyncSubstrateIntake(enabled={c.enabled}, slot_id={c.slot_id!r}, "
-            f"kinds={list(c.kinds)!r}, host={c.host!r})"
-        )
 
     async def client(self) -> AsyncSubstrate:
         """See `SubstrateIntake.client`."""
