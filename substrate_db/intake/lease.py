@@ -93,9 +93,26 @@ def _check_timing(lease_secs: int, interval: float | None) -> float:
 
 
 class _KeeperBase(LeaseTracking[E]):
-    """Tracking over the keeper's book (shared with `SlotHeartbeat`)."""
+    """Tracking over the keeper's book (shared with `SlotHeartbeat`), and the settings
+    both keepers check and keep alike."""
 
     _book: LeaseBook[E]
+
+    def _settings(
+        self,
+        lease_secs: int,
+        interval: float | None,
+        on_lost: OnLost | None,
+        name: str,
+        tracker: ConnectTracker | None,
+        event: Callable[[], E],
+    ) -> None:
+        self.interval = _check_timing(lease_secs, interval)
+        self.lease_secs = lease_secs
+        self._tracker = tracker
+        self._on_lost = on_lost
+        self._name = name
+        self._book = LeaseBook(event)
 
 
 class LeaseKeeper(_KeeperBase[threading.Event]):
@@ -117,13 +134,8 @@ class LeaseKeeper(_KeeperBase[threading.Event]):
         name: str = "substrate-lease-keeper",
         tracker: ConnectTracker | None = None,
     ) -> None:
-        self.interval = _check_timing(lease_secs, interval)
-        self.lease_secs = lease_secs
+        self._settings(lease_secs, interval, on_lost, name, tracker, threading.Event)
         self._substrate = substrate
-        self._tracker = tracker
-        self._on_lost = on_lost
-        self._name = name
-        self._book = LeaseBook(threading.Event)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -207,13 +219,8 @@ class AsyncLeaseKeeper(_KeeperBase[asyncio.Event]):
         name: str = "substrate-lease-keeper",
         tracker: ConnectTracker | None = None,
     ) -> None:
-        self.interval = _check_timing(lease_secs, interval)
-        self.lease_secs = lease_secs
+        self._settings(lease_secs, interval, on_lost, name, tracker, asyncio.Event)
         self._substrate = substrate
-        self._tracker = tracker
-        self._on_lost = on_lost
-        self._name = name
-        self._book = LeaseBook(asyncio.Event)
         self._task: asyncio.Task[None] | None = None
 
     async def beat(self, *, now: datetime | None = None) -> list[WriteBackResult]:
