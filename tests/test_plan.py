@@ -128,6 +128,22 @@ def _rows_read(scan: dict[str, Any]) -> float:
     return float(scan["Actual Rows"]) * float(scan["Actual Loops"])
 
 
+def _checked_claim_plan(
+    conn: psycopg.Connection[Any], schema: str, mode: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+    """The claim's plan nodes, its candidate scans and the partial indexes, after the
+    checks every plan must pass. Nowhere a whole-table read: a generic plan, say, that
+    hash-joins the picked ids against a seq scan of jobs would cost as much as the
+    backlog on every claim."""
+    nodes = _claim_plan(conn, schema, mode)
+    assert not [
+        n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"
+    ]
+    scans = _candidate_scans(nodes)
+    assert scans, "the claim plan has no scan of the jobs table"
+    return nodes, scans, _partial_indexes(conn, schema)
+
+
 @pytest.fixture
 def admin(substrate: Substrate, substrate_dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(substrate_dsn, autocommit=True) as conn:
@@ -139,13 +155,7 @@ def test_claim_skips_finished_history(
     substrate: Substrate, admin: psycopg.Connection[Any], mode: str
 ) -> None:
     _fill(admin, substrate.schema, finished=50_000, available=200)
-    nodes = _claim_plan(admin, substrate.schema, mode)
-    assert not [
-        n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"
-    ]
-    scans = _candidate_scans(nodes)
-    assert scans, "the claim plan has no scan of the jobs table"
-    partial = _partial_indexes(admin, substrate.schema)
+    _, scans, partial = _checked_claim_plan(admin, substrate.schema, mode)
     assert "jobs_claim_idx" in partial
     for scan in scans:
         assert _indexes_read(scan) & partial, f"not through a partial index: {scan}"
@@ -158,15 +168,7 @@ def test_claim_takes_the_head_of_a_large_backlog_from_an_index(
     substrate: Substrate, admin: psycopg.Connection[Any], mode: str
 ) -> None:
     _fill(admin, substrate.schema, finished=0, available=50_000)
-    nodes = _claim_plan(admin, substrate.schema, mode)
-    # Nowhere a whole-table read: a generic plan, say, that hash-joins the picked ids
-    # against a seq scan of jobs would cost as much as the backlog on every claim.
-    assert not [
-        n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"
-    ]
-    scans = _candidate_scans(nodes)
-    assert scans, "the claim plan has no scan of the jobs table"
-    partial = _partial_indexes(admin, substrate.schema)
+    nodes, scans, partial = _checked_claim_plan(admin, substrate.schema, mode)
     for scan in scans:
         assert scan["Node Type"] in ("Index Scan", "Index Only Scan"), scan
         assert _indexes_read(scan) & partial, f"not through a partial index: {scan}"
