@@ -442,9 +442,9 @@ class Worker:
             self._flush.set()
 
     def _forget(self, job_id: int) -> None:
+        """Drop a held job (its lease is no longer tracked: `_deliver` or `_release`
+        untracked it) and make room for another."""
         assert self._room is not None
-        assert self._beat is not None
-        self._beat.untrack(job_id)
         self._held.pop(job_id, None)
         self._room.set()
 
@@ -607,7 +607,9 @@ class Worker:
             logger.error("[substrate] release error=%s (lease recovery will take them)", exc)
             results = []
         self.stats.released += sum(1 for r in results if r.ok)
+        assert self._beat is not None
         for h in running:
+            self._beat.untrack(h.job.id)
             self._forget(h.job.id)
 
     async def _wait_any(self, event: asyncio.Event, secs: float) -> None:
